@@ -1,0 +1,5 @@
+"""LightningDataModules, one per data source."""
+from chanzoo.data.fashion_mnist import FashionMNISTDataModule
+from chanzoo.data.image_folder import ImageFolderDataModule
+
+__all__ = ["FashionMNISTDataModule", "ImageFolderDataModule"]

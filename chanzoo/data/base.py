@@ -1,0 +1,70 @@
+"""Shared loader logic of chanzoo's classification datamodules."""
+from __future__ import annotations
+
+from typing import Optional
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Holds ``train_set``/``val_set``/``test_set`` and builds their loaders.
+
+    The training loader shuffles with a ``DistributedSampler`` built for the trainer's world size (one replica when
+    not distributed): its order is a function of (seed, epoch) only, because Lightning calls ``set_epoch`` before
+    every epoch, which is what makes a resumed run see the same batches as an uninterrupted one.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        eval_batch_size: Optional[int],
+        num_workers: int,
+        seed: int,
+        num_classes: int,
+        in_chans: int,
+        img_size: int,
+    ) -> None:
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.img_size = img_size
+        self.train_set: Optional[Dataset] = None
+        self.val_set: Optional[Dataset] = None
+        self.test_set: Optional[Dataset] = None
+
+    def _loader(self, dataset: Optional[Dataset], train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before its loaders are requested")
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        sampler = None
+        if train and not isinstance(dataset, IterableDataset):  # iterable readers shard themselves
+            sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            sampler=sampler,
+            shuffle=False,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
