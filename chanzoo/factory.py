@@ -69,6 +69,8 @@ class _ChannelsLastAttn(nn.Module):
 def insert_stage_attention(model: nn.Module, factory: AttnFactory) -> list[str]:
     """Insert one channel module after each stage listed in ``model.feature_info``; returns the stage names.
 
+    Entries without parameters (a stem activation such as ResNet's ``act1``) are not stages and are passed over.
+
     The module becomes a ``channel_attn`` child of the stage, so the backbone's own state-dict keys are unchanged
     (pretrained weights still load) and the new keys read ``<stage>.channel_attn.*``.
     """
@@ -84,6 +86,8 @@ def insert_stage_attention(model: nn.Module, factory: AttnFactory) -> list[str]:
     for entry in entries:
         name, channels = entry["module"], int(entry["num_chs"])
         stage = model.get_submodule(name)
+        if not any(True for _ in stage.parameters()):
+            continue  # a stem activation such as ResNet's act1 is listed in feature_info but is not a stage
         if hasattr(stage, "channel_attn"):
             raise ValueError(f"stage {name!r} of {type(model).__name__} already carries a channel module")
         attn = factory(channels)

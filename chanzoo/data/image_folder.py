@@ -52,7 +52,8 @@ class ImageFolderDataModule(ClassificationDataModule):
     """Image classification from folders or WebDataset shards, with timm's training and evaluation transforms.
 
     ``mean``/``std``/``crop_pct``/``interpolation`` left at ``None`` come from the model's pretrained cfg
-    (``timm.data.resolve_data_config``), which chanzoo's ``run`` hands over through ``set_model``.
+    (``timm.data.resolve_data_config``), which chanzoo's ``run`` hands over through ``set_model``; without a model,
+    timm's ImageNet defaults.
 
     Args:
         root: data root. Folders: ``root/<train_split>/<class>/*``. WebDataset: ``root`` holds the shards and
@@ -109,7 +110,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.model_data_cfg = resolve_data_config(model=model)
 
     def _resolved_cfg(self) -> dict[str, Any]:
-        cfg = {"input_size": (self.in_chans, self.img_size, self.img_size), **self.model_data_cfg}
+        # timm's ImageNet defaults, then the model's pretrained cfg, then what the data config sets
+        cfg = {**resolve_data_config(args={"img_size": self.img_size}), **self.model_data_cfg}
         cfg.update({k: v for k, v in self.data_cfg.items() if v is not None})
         cfg["input_size"] = (self.in_chans, self.img_size, self.img_size)
         return cfg

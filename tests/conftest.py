@@ -1,0 +1,45 @@
+"""Shared fixtures: real images, and a runner for the Hydra entry points in a subprocess."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def run_entry(script: str, overrides: Sequence[str], runs_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python <script> <overrides>`` from the repo root with runs written under ``runs_dir``."""
+    env = {**os.environ, "CHANZOO_RUNS": str(runs_dir), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *overrides],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def only_run_dir(runs_dir: Path, run_name: str) -> Path:
+    """The single timestamped run folder of ``run_name`` under ``runs_dir``."""
+    dirs = sorted((runs_dir / run_name).iterdir())
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, np.ndarray]:
+    """scikit-image's bundled RGB photos (uint8 HxWx3)."""
+    from skimage import data
+
+    return {"astronaut": data.astronaut(), "coffee": data.coffee(), "chelsea": data.chelsea(), "rocket": data.rocket()}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not FASHION_MNIST.is_dir():
+        raise pytest.UsageError(
+            f"{FASHION_MNIST} is missing: install Debian's dataset-fashion-mnist (scripts/setup.sh does this)"
+        )
