@@ -8,6 +8,7 @@ import timm
 import torch
 from torch import nn
 
+from chanzoo import hub
 from chanzoo._names import unknown_name_error
 from chanzoo.channel.registry import ChannelModuleSpec, accepted_kwargs, get_channel_module
 
@@ -113,14 +114,16 @@ def create_model(
 
     Args:
         model_name: a name from ``list_models()`` (with or without a pretrained tag, e.g. 'davit_tiny.msft_in1k').
-        pretrained: load the model's default pretrained weights (downloaded and cached by timm/huggingface_hub).
+        pretrained: load the model's default pretrained weights (fetched once, verified and cached by
+            ``chanzoo.hub``; without network and cache this fails in seconds, naming the source).
         num_classes: classifier width; a value unlike the weights' re-initialises the head.
         in_chans: input channels; a value unlike the weights' adapts the first conv as timm does.
         attn: channel module by name (``list_channel_modules()``), class or factory; ``None``/'none' for none.
         attn_kwargs: keyword arguments for every channel module built.
         attn_position: 'native' (the family's own attn slot), 'stage' (after each stage in ``feature_info``) or
             'auto' (native where the family has a slot, else stage).
-        pretrained_file: a local ``.safetensors``/``.pth`` file to load instead of downloading.
+        pretrained_file: a local ``.safetensors``/``.pth`` file to load instead of downloading; torch files must
+            load with ``torch.load(weights_only=True)``. Official DaViT/InceptionNeXt/ECA-Net releases are converted.
         **kwargs: passed to the model (drop_path_rate, features_only, out_indices, ...).
     """
     if not isinstance(model_name, str) or not timm.is_model(model_name):
@@ -131,10 +134,16 @@ def create_model(
         kwargs["num_classes"] = num_classes
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
-    if pretrained_file is not None:
-        from chanzoo.hub import pretrained_file_overlay
-
-        kwargs["pretrained_cfg_overlay"] = pretrained_file_overlay(pretrained_file, kwargs.get("pretrained_cfg_overlay"))
+    if pretrained_file is not None or pretrained:
+        overlay = kwargs.get("pretrained_cfg_overlay")
+        kwargs["pretrained_cfg_overlay"] = (
+            hub.pretrained_file_overlay(pretrained_file, overlay)
+            if pretrained_file is not None
+            else hub.resolve_pretrained_overlay(model_name, overlay)
+        )
+        filter_fn = hub.checkpoint_filter_for(_model_module(model_name))
+        if filter_fn is not None:
+            kwargs.setdefault("pretrained_filter_fn", filter_fn)
         pretrained = True
 
     factory = get_channel_module(attn)
@@ -156,7 +165,13 @@ def create_model(
 
     features_only = factory is not None and not use_native and kwargs.pop("features_only", False)
     out_indices = kwargs.pop("out_indices", None) if features_only else None
-    model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    try:
+        model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    except RuntimeError as err:
+        if pretrained and "loading state_dict" in str(err):  # torch's report of keys/shapes that do not fit
+            source = kwargs["pretrained_cfg_overlay"]["file"]
+            raise ValueError(f"the weights in {source!r} do not fit {model_name!r}: {err}") from err
+        raise
 
     if factory is not None and not use_native:
         stages = insert_stage_attention(model, factory)
