@@ -49,6 +49,7 @@ import http.client
 import logging
 import os
 import pickle
+import pickletools
 import re
 import tempfile
 import urllib.parse
@@ -142,8 +143,25 @@ def _unsafe_pickle_globals(path: Path) -> list[str]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        return [str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__]
+        return _pickle_globals(path) or re.findall(r"GLOBAL ([\w.]+)", str(err)) or [type(err).__name__]
     return []
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """The names a plain pickle file would import, read with ``pickletools`` (nothing is executed)."""
+    names, strings = [], []
+    try:
+        with open(path, "rb") as handle:
+            for opcode, arg, _ in pickletools.genops(handle):
+                if opcode.name in ("GLOBAL", "INST"):
+                    names.append(str(arg).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(".".join(strings[-2:]))
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except (ValueError, EOFError, pickle.UnpicklingError):  # not a plain pickle: the caller reports torch's error
+        return []
+    return sorted(set(names))
 
 
 def check_weights_file(path: PathLike, argument: str = "pretrained_file") -> Path:

@@ -267,7 +267,7 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+@pytest.mark.parametrize("writer", ["pickle", "torch.save", "torch.save legacy"])
 def test_code_running_pickle_is_refused_and_does_not_run(tmp_path: Path, writer: str) -> None:
     probe = tmp_path / "probe"
     pickle.loads(pickle.dumps(_Payload(probe))).close()
@@ -279,8 +279,9 @@ def test_code_running_pickle_is_refused_and_does_not_run(tmp_path: Path, writer:
     if writer == "pickle":
         path.write_bytes(pickle.dumps(checkpoint))
     else:
-        torch.save(checkpoint, path)
+        torch.save(checkpoint, path, _use_new_zipfile_serialization=writer == "torch.save")
     with pytest.raises(ValueError, match="refused") as info:
         chanzoo.create_model("small_cnn", pretrained_file=str(path))
     assert "evil.pth" in str(info.value) and "weights_only" in str(info.value)
+    assert "open" in str(info.value)  # names what the pickle would have imported
     assert not marker.exists()
