@@ -40,6 +40,7 @@ def build_model(model_cfg: DictConfig | dict) -> nn.Module:
         attn=cfg.get("attn"),
         attn_kwargs=cfg.get("attn_kwargs") or None,
         attn_position=cfg.get("attn_position", "auto"),
+        **{k: cfg[k] for k in ("features_only", "out_indices") if cfg.get(k)},  # multi-scale feature maps
         **(cfg.get("kwargs") or {}),
     )
 

@@ -166,3 +166,39 @@ def test_ecanet_kernel_mismatch_is_named(tmp_path: Path) -> None:
     _ecanet_release(reference, tmp_path / "eca.pth.tar")
     with pytest.raises(ValueError, match=r"layer2\.0\.se\.conv\.weight .*kernel 3"):
         chanzoo.create_model("resnet18", attn="eca", pretrained_file=str(tmp_path / "eca.pth.tar"))  # adaptive k=5
+
+
+# ----------------------------------------------------------------------------------------------------------- configs
+CONFIG_PARAMS = {  # measured on the official code where it exists (see docs/models.md)
+    "davit_tiny": 28_360_168, "davit_small": 49_745_896, "davit_base": 87_954_408, "davit_large": 196_811_752,
+    "davit_huge": 348_922_856, "davit_giant": 1_406_470_120, "inception_next_atto": 4_156_520,
+    "inception_next_tiny": 28_055_680, "inception_next_small": 49_374_016, "inception_next_base": 86_672_136,
+}
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "configs"), version_base=None):
+        return compose("config", overrides=overrides)
+
+
+def test_model_configs_build_the_named_models() -> None:
+    from chanzoo.run import build_model
+
+    for name, params in CONFIG_PARAMS.items():
+        cfg = _compose([f"model={name}", "data=imagenet"])
+        with torch.device("meta"):
+            model = build_model(cfg.model)
+        assert _params(model) == params, name
+        assert model.pretrained_cfg["input_size"][-1] == (384 if name == "davit_large" else 224)
+
+
+def test_features_only_through_the_model_config(photo_batch: torch.Tensor) -> None:
+    from chanzoo.run import build_model
+
+    cfg = _compose(["model=inception_next_atto", "data=imagenet", "model.attn=eca", "model.features_only=true",
+                    "model.out_indices=[1,3]"])
+    with torch.no_grad():
+        features = build_model(cfg.model).eval()(photo_batch)
+    assert [tuple(f.shape) for f in features] == [(2, 80, 8, 8), (2, 320, 2, 2)]
