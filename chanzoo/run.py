@@ -19,6 +19,7 @@ from torch import nn
 
 from chanzoo.callbacks import AtomicCheckpointIO, EpochSeed, PlotCurves
 from chanzoo.factory import create_model
+from chanzoo.tasks.channel_subsets import run_channel_subsets
 
 _logger = logging.getLogger(__name__)
 MODEL_CFG_KEY = "chanzoo_model_cfg"
@@ -189,6 +190,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     trainer = _trainer(cfg, out_dir, callbacks=[], logger=None)
     metrics = _metrics_dict(trainer.test(task, datamodule=datamodule))
     payload = {"metrics": metrics, "ckpt_path": ckpt_path, "model": model_cfg["name"], "data": cfg.data.get("name")}
+    if cfg.get("eval_channel_subsets"):
+        payload["channel_subsets"] = run_channel_subsets(
+            task.model, datamodule, _plain(cfg.eval_channel_subsets), out_dir, trainer.strategy.root_device
+        )
     _write_json(out_dir / "metrics.json", payload)
     _logger.info("metrics written to %s:\n%s", out_dir / "metrics.json", format_table(metrics))
     return metrics

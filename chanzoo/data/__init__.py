@@ -1,5 +1,6 @@
 """LightningDataModules, one per data source."""
 from chanzoo.data.fashion_mnist import FashionMNISTDataModule
 from chanzoo.data.image_folder import ImageFolderDataModule
+from chanzoo.data.multichannel import MultiChannelDataModule
 
-__all__ = ["FashionMNISTDataModule", "ImageFolderDataModule"]
+__all__ = ["FashionMNISTDataModule", "ImageFolderDataModule", "MultiChannelDataModule"]

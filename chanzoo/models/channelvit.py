@@ -419,34 +419,34 @@ _BASE = dict(embed_dim=768, depth=12, num_heads=12)
 @register_model
 def channelvit_tiny_p16(pretrained: bool = False, **kwargs: Any) -> ChannelVisionTransformer:
     """ChannelViT-T/16 (5.43M backbone parameters at 3 channels, 224 px)."""
-    return _create_channelvit("channelvit_tiny_p16", pretrained, **dict(patch_size=16, **_TINY, **kwargs))
+    return _create_channelvit("channelvit_tiny_p16", pretrained, **{**_TINY, "patch_size": 16, **kwargs})
 
 
 @register_model
 def channelvit_tiny_p8(pretrained: bool = False, **kwargs: Any) -> ChannelVisionTransformer:
     """ChannelViT-T/8 (5.50M backbone parameters at 3 channels, 224 px)."""
-    return _create_channelvit("channelvit_tiny_p8", pretrained, **dict(patch_size=8, **_TINY, **kwargs))
+    return _create_channelvit("channelvit_tiny_p8", pretrained, **{**_TINY, "patch_size": 8, **kwargs})
 
 
 @register_model
 def channelvit_small_p16(pretrained: bool = False, **kwargs: Any) -> ChannelVisionTransformer:
     """ChannelViT-S/16 (21.47M backbone parameters at 3 channels, 224 px)."""
-    return _create_channelvit("channelvit_small_p16", pretrained, **dict(patch_size=16, **_SMALL, **kwargs))
+    return _create_channelvit("channelvit_small_p16", pretrained, **{**_SMALL, "patch_size": 16, **kwargs})
 
 
 @register_model
 def channelvit_small_p8(pretrained: bool = False, **kwargs: Any) -> ChannelVisionTransformer:
     """ChannelViT-S/8 (21.62M backbone parameters at 3 channels, 224 px)."""
-    return _create_channelvit("channelvit_small_p8", pretrained, **dict(patch_size=8, **_SMALL, **kwargs))
+    return _create_channelvit("channelvit_small_p8", pretrained, **{**_SMALL, "patch_size": 8, **kwargs})
 
 
 @register_model
 def channelvit_base_p16(pretrained: bool = False, **kwargs: Any) -> ChannelVisionTransformer:
     """ChannelViT-B/16 (85.41M backbone parameters at 3 channels, 224 px)."""
-    return _create_channelvit("channelvit_base_p16", pretrained, **dict(patch_size=16, **_BASE, **kwargs))
+    return _create_channelvit("channelvit_base_p16", pretrained, **{**_BASE, "patch_size": 16, **kwargs})
 
 
 @register_model
 def channelvit_base_p8(pretrained: bool = False, **kwargs: Any) -> ChannelVisionTransformer:
     """ChannelViT-B/8 (85.71M backbone parameters at 3 channels, 224 px)."""
-    return _create_channelvit("channelvit_base_p8", pretrained, **dict(patch_size=8, **_BASE, **kwargs))
+    return _create_channelvit("channelvit_base_p8", pretrained, **{**_BASE, "patch_size": 8, **kwargs})
