@@ -1,0 +1,1 @@
+"""Shared compute pieces used by several model families."""
