@@ -1,0 +1,156 @@
+"""One switch for fast execution: ``torch.compile`` (whole model or its repeated blocks) and channels-last.
+
+``prepare_model`` is what ``train.py``, ``eval.py`` and ``python -m chanzoo.profile`` call. Each option takes
+``'auto'``, which turns it on only where it was measured to pay on the current device (see ``CPU_MEASURED`` and
+docs/benchmarks.md); the returned ``applied`` dict, also logged, says what was done and why.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+_logger = logging.getLogger(__name__)
+
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+REGIONAL_CHOICES = ("auto", True, False)
+
+# What 'auto' turns on for a model family (its timm module) on CPU, decided by
+# ``python benchmarks/acceleration.py`` at batch 8, 224x224, fp32, inference (figures in docs/benchmarks.md).
+# Families not listed run eager and contiguous on CPU: neither switch was shown to pay for them.
+CPU_MEASURED: dict[str, dict[str, bool]] = {
+    "davit": {"channels_last": False, "compile": True},
+    "inception_next": {"channels_last": True, "compile": True},
+    "resnet": {"channels_last": True, "compile": False},
+}
+
+BoolOrAuto = Union[bool, str]
+
+
+def _check_switch(name: str, value: Any) -> BoolOrAuto:
+    """``True``/``False``/'auto' (also the strings 'true'/'false' from a command line)."""
+    if isinstance(value, str) and value.lower() in ("auto", "true", "false"):
+        return {"auto": "auto", "true": True, "false": False}[value.lower()]
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"{name} must be true, false or 'auto', got {value!r}")
+
+
+def model_family(model: nn.Module) -> str:
+    """The timm module a model's class comes from, e.g. 'davit' (chanzoo models: their file name)."""
+    return type(model).__module__.rsplit(".", 1)[-1]
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every instance of the model's repeated block(s): the model-defined classes (not ``torch.nn``'s) that appear
+    most often as elements of an ``nn.Sequential``/``nn.ModuleList``, e.g. timm's ``Bottleneck`` in ResNet, or both
+    ``SpatialBlock`` and ``ChannelBlock`` in DaViT; empty if no such class repeats."""
+    members: dict[type, list[nn.Module]] = {}
+    for container in model.modules():
+        if isinstance(container, (nn.Sequential, nn.ModuleList)):
+            for child in container.children():
+                own_class = not type(child).__module__.startswith("torch.")
+                if own_class and any(True for _ in child.parameters()):
+                    members.setdefault(type(child), []).append(child)
+    most = max((len(mods) for mods in members.values()), default=0)
+    if most < 2:
+        return []
+    blocks = [m for mods in members.values() if len(mods) == most for m in mods]
+    # a block nested inside another repeated block is compiled with its parent
+    inner = {id(m) for b in blocks for m in b.modules() if m is not b}
+    return [b for b in blocks if id(b) not in inner]
+
+
+def _resolve_device(device: Optional[Union[str, torch.device]], model: nn.Module) -> torch.device:
+    if device is None:
+        param = next(model.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from err
+
+
+def prepare_model(
+    model: nn.Module,
+    compile: BoolOrAuto = "auto",  # noqa: A002  (the config key's name)
+    compile_mode: Optional[str] = None,
+    channels_last: BoolOrAuto = "auto",
+    device: Optional[Union[str, torch.device]] = None,
+    regional: BoolOrAuto = "auto",
+    inference: bool = False,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Move ``model`` to ``device``, set its memory format and compile it in place; returns it and what was applied.
+
+    Args:
+        model: any ``nn.Module``; it is changed in place (``nn.Module.compile``), so its state-dict keys stay.
+        compile: compile with ``torch.compile``; 'auto' = on CUDA always, on CPU where ``CPU_MEASURED`` says it pays.
+        compile_mode: ``torch.compile``'s mode (one of ``COMPILE_MODES``).
+        channels_last: store 4-D weights (and expect inputs) as NHWC; 'auto' = on CUDA always, on CPU where
+            measured faster for the family.
+        device: where the model runs (default: where its parameters are).
+        regional: compile each repeated block (``repeated_blocks``) instead of the whole model; 'auto' = when the
+            model repeats a block and is trained (each block is compiled once per shape, which cuts compile time),
+            whole-model for inference, where it was measured faster to run.
+        inference: the model only runs under ``torch.inference_mode``/``no_grad``: lets inductor freeze the weights
+            into the graph (constant folding, oneDNN weight prepacking on CPU). Never for a model being trained.
+    """
+    compile = _check_switch("compile", compile)
+    channels_last = _check_switch("channels_last", channels_last)
+    regional = _check_switch("regional", regional)
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
+    dev = _resolve_device(device, model)
+    family = model_family(model)
+    measured = CPU_MEASURED.get(family, {"channels_last": False, "compile": False})
+    on_cuda = dev.type == "cuda"
+    applied: dict[str, Any] = {"device": str(dev), "family": family}
+
+    if channels_last == "auto":
+        channels_last = on_cuda or measured["channels_last"]
+        applied["channels_last_reason"] = "auto: " + ("CUDA" if on_cuda else f"measured on CPU for {family!r}")
+    model = model.to(dev)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    applied["channels_last"] = bool(channels_last)
+
+    if compile == "auto":
+        compile = on_cuda or measured["compile"]
+        applied["compile_reason"] = "auto: " + ("CUDA" if on_cuda else f"measured on CPU for {family!r}")
+    applied["compile"] = "off"
+    if compile:
+        blocks = repeated_blocks(model)
+        if regional == "auto":
+            regional = bool(blocks) and not inference
+        if regional and not blocks:
+            raise ValueError(f"regional=True but {type(model).__name__} repeats no block; use regional=false")
+        freezing = inference and not on_cuda
+        # torch.compile takes a mode or options, not both: spell the mode out as its options to add freezing
+        kwargs: dict[str, Any] = {"mode": compile_mode}
+        if freezing:
+            from torch._inductor import list_mode_options
+
+            kwargs = {"options": {**list_mode_options(compile_mode or "default"), "freezing": True}}
+        start = time.perf_counter()
+        targets = blocks if regional else [model]
+        for target in targets:
+            target.compile(dynamic=False, **kwargs)
+        applied.update(
+            compile="regional" if regional else "whole",
+            compiled_modules=len(targets),
+            block=",".join(sorted({type(b).__name__ for b in blocks})) if regional else None,
+            compile_mode=compile_mode or "default",
+            freezing=freezing,
+            wrap_seconds=round(time.perf_counter() - start, 3),
+        )
+    _logger.info("prepare_model(%s): %s", type(model).__name__, applied)
+    return model, applied
+
+
+def to_input_format(x: torch.Tensor, applied: dict[str, Any]) -> torch.Tensor:
+    """``x`` on the prepared model's device, in its memory format."""
+    x = x.to(applied["device"])
+    return x.contiguous(memory_format=torch.channels_last) if applied["channels_last"] and x.dim() == 4 else x
