@@ -30,8 +30,11 @@ class EfficientChannelAttention(nn.Module):
         super().__init__()
         if kernel_size is None:
             kernel_size = eca_kernel_size(channels, gamma, beta)
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"ECA kernel_size must be a positive odd int, got {kernel_size}")
+        if not isinstance(kernel_size, int) or isinstance(kernel_size, bool) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(
+                f"ECA kernel_size must be a positive odd int, got {kernel_size!r} (one kernel per stage is a list "
+                "given to create_model's attn_kwargs)"
+            )
         self.kernel_size = kernel_size
         self.conv = nn.Conv1d(1, 1, kernel_size, padding=kernel_size // 2, bias=False)
 
