@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import timm
 import torch
@@ -15,16 +15,65 @@ from chanzoo.channel.registry import ChannelModuleSpec, accepted_kwargs, get_cha
 _logger = logging.getLogger(__name__)
 
 AttnFactory = Callable[..., nn.Module]
-# timm module name -> how a channel-module factory enters that family's own slot (create_model kwargs).
-_NATIVE_SLOTS: dict[str, Callable[[AttnFactory], dict[str, Any]]] = {
-    "resnet": lambda factory: {"block_args": {"attn_layer": factory}},
-}
+# Places a channel-module factory into a built model; returns the (path, channels) of every module placed.
+AttnPlacer = Callable[[nn.Module, AttnFactory], list[tuple[str, int]]]
+_NATIVE_SLOTS: dict[str, Union[Callable[[AttnFactory], dict[str, Any]], AttnPlacer]] = {}
+_SLOT_IS_PLACER: dict[str, bool] = {}
 ATTN_POSITIONS = ("auto", "native", "stage")
 
 
-def register_attn_slot(timm_module: str, kwargs_for: Callable[[AttnFactory], dict[str, Any]]) -> None:
-    """Declare how the models of ``timm_module`` take a channel module at construction (their native slot)."""
-    _NATIVE_SLOTS[timm_module] = kwargs_for
+def register_attn_slot(
+    timm_module: str,
+    kwargs_for: Optional[Callable[[AttnFactory], dict[str, Any]]] = None,
+    *,
+    place: Optional[AttnPlacer] = None,
+) -> None:
+    """Declare the native channel-module slot of the models of ``timm_module``.
+
+    Give exactly one of ``kwargs_for`` (the model kwargs that pass a factory in at construction, e.g. ResNet's
+    ``block_args.attn_layer``) or ``place`` (a function that puts modules into the built model, for families whose
+    entry points already pass their own attention layer, e.g. MobileNetV3's ``se_layer``).
+    """
+    if (kwargs_for is None) == (place is None):
+        raise TypeError(f"register_attn_slot({timm_module!r}) takes exactly one of kwargs_for and place")
+    _NATIVE_SLOTS[timm_module] = kwargs_for if place is None else place
+    _SLOT_IS_PLACER[timm_module] = place is not None
+
+
+def _se_slot_channels(block: nn.Module) -> int:
+    """Channels entering the ``se`` slot of a timm MBConv-family block: the width of the last layer before it."""
+    channels = 0
+    for name, child in block.named_children():
+        if name == "se":
+            break
+        channels = int(getattr(child, "num_features", 0) or getattr(child, "out_channels", 0) or channels)
+    if not channels:
+        raise ValueError(f"cannot tell the channels of the se slot of {type(block).__name__}")
+    return channels
+
+
+def place_in_se_slots(model: nn.Module, factory: AttnFactory) -> list[tuple[str, int]]:
+    """Native slot of timm's MobileNetV2/V3 and EfficientNet families: the ``se`` attribute of each block.
+
+    Where the architecture has squeeze-excite blocks (MobileNetV3, EfficientNet) each one is replaced, so the new
+    module sits where the paper put attention; an architecture without any (MobileNetV2, MNASNet-B1) gets the module
+    in every block. The module acts on the block's expanded (depthwise) channels.
+    """
+    blocks = [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, "se", None), nn.Module)]
+    has_se = any(not isinstance(block.se, nn.Identity) for _, block in blocks)
+    placed = []
+    for name, block in blocks:
+        if has_se and isinstance(block.se, nn.Identity):
+            continue
+        channels = _se_slot_channels(block)
+        block.se = factory(channels)
+        placed.append((f"{name}.se", channels))
+    return placed
+
+
+register_attn_slot("resnet", lambda factory: {"block_args": {"attn_layer": factory}})
+register_attn_slot("efficientnet", place=place_in_se_slots)
+register_attn_slot("mobilenetv3", place=place_in_se_slots)
 
 
 def list_models(pattern: str | Sequence[str] = "", pretrained: bool = False, **kwargs: Any) -> list[str]:
@@ -51,6 +100,18 @@ def _bind(factory: AttnFactory, attn_kwargs: dict[str, Any]) -> AttnFactory:
     return make
 
 
+def _recording(factory: AttnFactory, built: list[tuple[nn.Module, int]]) -> AttnFactory:
+    """``factory`` that also appends each module it builds, with its channel count, to ``built``."""
+
+    def make(channels: int, **slot_kwargs: Any) -> nn.Module:
+        module = factory(channels, **slot_kwargs)
+        built.append((module, channels))
+        return module
+
+    make.module_class = getattr(factory, "module_class", factory)  # type: ignore[attr-defined]
+    return make
+
+
 def _apply_stage_attn(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
     """Forward hook: run the stage's own ``channel_attn`` child on its output (plain function: deepcopy-safe)."""
     return module.channel_attn(output)
@@ -67,13 +128,10 @@ class _ChannelsLastAttn(nn.Module):
         return self.attn(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
-def insert_stage_attention(model: nn.Module, factory: AttnFactory) -> list[str]:
-    """Insert one channel module after each stage listed in ``model.feature_info``; returns the stage names.
+def feature_stages(model: nn.Module) -> list[tuple[str, int]]:
+    """(module name, channels) of each stage in ``model.feature_info``.
 
     Entries without parameters (a stem activation such as ResNet's ``act1``) are not stages and are passed over.
-
-    The module becomes a ``channel_attn`` child of the stage, so the backbone's own state-dict keys are unchanged
-    (pretrained weights still load) and the new keys read ``<stage>.channel_attn.*``.
     """
     feature_info = getattr(model, "feature_info", None)
     if not feature_info:
@@ -82,16 +140,73 @@ def insert_stage_attention(model: nn.Module, factory: AttnFactory) -> list[str]:
             "use a model with a native attn slot or one that lists its stages in feature_info"
         )
     entries = feature_info.get_dicts() if hasattr(feature_info, "get_dicts") else list(feature_info)
+    return [
+        (entry["module"], int(entry["num_chs"]))
+        for entry in entries
+        if any(True for _ in model.get_submodule(entry["module"]).parameters())
+    ]
+
+
+def split_stage_kwargs(attn_kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """Split ``attn_kwargs`` into kwargs shared by every module and per-stage lists (one value per stage)."""
+    shared = {k: v for k, v in attn_kwargs.items() if not isinstance(v, (list, tuple))}
+    per_stage = {k: list(v) for k, v in attn_kwargs.items() if isinstance(v, (list, tuple))}
+    return shared, per_stage
+
+
+def _check_stage_count(per_stage: dict[str, list[Any]], stages: Sequence[str], model_name: str) -> None:
+    for key, values in per_stage.items():
+        if len(values) != len(stages):
+            raise ValueError(
+                f"attn_kwargs[{key!r}]={values!r} gives {len(values)} values, but a list means one value per stage "
+                f"and {model_name} has {len(stages)} stages {list(stages)}"
+            )
+
+
+def _stage_kwargs(per_stage: dict[str, list[Any]], index: int) -> dict[str, Any]:
+    return {key: values[index] for key, values in per_stage.items()}
+
+
+def apply_stage_kwargs(
+    model: nn.Module,
+    placed: Sequence[tuple[str, int]],
+    factory: AttnFactory,
+    per_stage: dict[str, list[Any]],
+    model_name: str,
+) -> None:
+    """Rebuild each placed module (path, channels) with the per-stage kwargs of the stage it lies in.
+
+    A module belongs to the first ``feature_info`` stage that contains it or comes after it (timm lists only the
+    stages where the resolution changes, e.g. MobileNetV3's blocks.3 belongs to the stage ending at blocks.4).
+    """
+    stages = [name for name, _ in feature_stages(model)]
+    _check_stage_count(per_stage, stages, model_name)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    stage_ends = [max(i for name, i in order.items() if name == stage or name.startswith(stage + ".")) for stage in stages]
+    for path, channels in placed:
+        index = next((i for i, end in enumerate(stage_ends) if order[path] <= end), len(stages) - 1)
+        model.set_submodule(path, factory(channels, **_stage_kwargs(per_stage, index)))
+
+
+def insert_stage_attention(
+    model: nn.Module, factory: AttnFactory, per_stage: Optional[dict[str, list[Any]]] = None, model_name: str = ""
+) -> list[str]:
+    """Insert one channel module after each stage listed in ``model.feature_info``; returns the stage names.
+
+    ``per_stage`` maps a module kwarg to one value per stage. The module becomes a ``channel_attn`` child of the
+    stage, so the backbone's own state-dict keys are unchanged (pretrained weights still load) and the new keys read
+    ``<stage>.channel_attn.*``.
+    """
+    stages = feature_stages(model)
+    per_stage = per_stage or {}
+    _check_stage_count(per_stage, [name for name, _ in stages], model_name or type(model).__name__)
     channels_last = getattr(model, "output_fmt", "NCHW") == "NHWC"
     stage_names = []
-    for entry in entries:
-        name, channels = entry["module"], int(entry["num_chs"])
+    for index, (name, channels) in enumerate(stages):
         stage = model.get_submodule(name)
-        if not any(True for _ in stage.parameters()):
-            continue  # a stem activation such as ResNet's act1 is listed in feature_info but is not a stage
         if hasattr(stage, "channel_attn"):
             raise ValueError(f"stage {name!r} of {type(model).__name__} already carries a channel module")
-        attn = factory(channels)
+        attn = factory(channels, **_stage_kwargs(per_stage, index))
         stage.add_module("channel_attn", _ChannelsLastAttn(attn) if channels_last else attn)
         if not isinstance(stage, nn.Sequential):  # a Sequential runs its new last child by itself
             stage.register_forward_hook(_apply_stage_attn)
@@ -119,7 +234,8 @@ def create_model(
         num_classes: classifier width; a value unlike the weights' re-initialises the head.
         in_chans: input channels; a value unlike the weights' adapts the first conv as timm does.
         attn: channel module by name (``list_channel_modules()``), class or factory; ``None``/'none' for none.
-        attn_kwargs: keyword arguments for every channel module built.
+        attn_kwargs: keyword arguments for every channel module built; a list value gives one value per stage
+            (e.g. ``{'kernel_size': [3, 5, 5, 7]}``, the kernels of ECA-Net's released ResNet-50).
         attn_position: 'native' (the family's own attn slot), 'stage' (after each stage in ``feature_info``) or
             'auto' (native where the family has a slot, else stage).
         pretrained_file: a local ``.safetensors``/``.pth`` file to load instead of downloading; torch files must
@@ -146,35 +262,57 @@ def create_model(
             kwargs.setdefault("pretrained_filter_fn", filter_fn)
         pretrained = True
 
-    factory = get_channel_module(attn)
-    if factory is not None:
-        factory = _bind(factory, dict(attn_kwargs or {}))
-    elif attn_kwargs:
+    base_factory = get_channel_module(attn)
+    shared_kwargs, per_stage = split_stage_kwargs(dict(attn_kwargs or {}))
+    factory = None if base_factory is None else _bind(base_factory, shared_kwargs)
+    if base_factory is None and attn_kwargs:
         raise ValueError(f"attn_kwargs={attn_kwargs!r} given without a channel module (attn={attn!r})")
 
-    slot = _NATIVE_SLOTS.get(_model_module(model_name))
+    family = _model_module(model_name)
+    slot = _NATIVE_SLOTS.get(family)
     use_native = factory is not None and slot is not None and attn_position in ("auto", "native")
     if factory is not None and attn_position == "native" and slot is None:
         raise ValueError(
             f"model {model_name!r} has no native channel-attention slot (families with one: "
             f"{sorted(_NATIVE_SLOTS)}); use attn_position='stage' to insert {attn!r} after each stage"
         )
-    if use_native:
-        for key, value in slot(factory).items():
+    placer = use_native and _SLOT_IS_PLACER[family]
+    built: list[tuple[nn.Module, int]] = []  # modules a construction-time slot builds, to re-build per stage
+    if use_native and not placer:
+        for key, value in slot(_recording(factory, built) if per_stage else factory).items():
             kwargs[key] = {**kwargs[key], **value} if isinstance(kwargs.get(key), dict) else value
 
     features_only = factory is not None and not use_native and kwargs.pop("features_only", False)
     out_indices = kwargs.pop("out_indices", None) if features_only else None
+    # Modules placed after construction must be in place before the weights load, so the load waits for them.
+    load_later = pretrained and (placer or (use_native and bool(per_stage)))
     try:
-        model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+        model = timm.create_model(model_name, pretrained=pretrained and not load_later, **kwargs)
+        if use_native:
+            if placer:
+                placed = slot(model, factory)
+            else:
+                paths = {id(module): name for name, module in model.named_modules()}
+                placed = [(paths[id(module)], channels) for module, channels in built]
+            if per_stage:
+                stage_factory = _bind(base_factory, shared_kwargs)
+                apply_stage_kwargs(model, placed, stage_factory, per_stage, model_name)
+        if load_later:
+            timm.models.load_pretrained(
+                model,
+                pretrained_cfg=model.pretrained_cfg,
+                num_classes=model.num_classes,
+                in_chans=kwargs.get("in_chans", 3),
+                filter_fn=kwargs.get("pretrained_filter_fn"),
+            )
     except RuntimeError as err:
         if pretrained and "loading state_dict" in str(err):  # torch's report of keys/shapes that do not fit
-            source = kwargs["pretrained_cfg_overlay"]["file"]
+            source = kwargs["pretrained_cfg_overlay"].get("file") or model_name
             raise ValueError(f"the weights in {source!r} do not fit {model_name!r}: {err}") from err
         raise
 
     if factory is not None and not use_native:
-        stages = insert_stage_attention(model, factory)
+        stages = insert_stage_attention(model, factory, per_stage, model_name)
         _logger.info("inserted channel module %r after stages %s of %s", attn, stages, model_name)
         if features_only:
             from timm.models._features import FeatureGetterNet
