@@ -1,0 +1,177 @@
+"""Channel-wise Lightweight Reprogramming (Ge et al., "CLR: Channel-wise Lightweight Reprogramming for Continual
+Learning", ICCV 2023).
+
+A pretrained network is kept as a frozen, task-agnostic *anchor*; each of its k x k convolutions is followed by a
+depthwise (channel-wise) k x k convolution initialised to the identity, which together with the normalisation
+layers and a task head is all that a new task trains. Each task's parameters are a small file; swapping files
+switches tasks with no forgetting, because the shared anchor never changes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+_logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+
+class CLRConv2d(nn.Module):
+    """A frozen ``anchor`` convolution followed by a trainable depthwise ``reprogram`` convolution (Dirac init).
+
+    Args:
+        anchor: the pretrained convolution; its parameters are frozen.
+        kernel_size: odd kernel size of the depthwise reprogramming conv (3 in the paper).
+    """
+
+    def __init__(self, anchor: nn.Conv2d, kernel_size: int = 3) -> None:
+        super().__init__()
+        if not isinstance(kernel_size, int) or isinstance(kernel_size, bool) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"CLR kernel_size must be a positive odd int, got {kernel_size!r}")
+        channels = anchor.out_channels
+        self.anchor = anchor.requires_grad_(False)
+        self.reprogram = nn.Conv2d(
+            channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, bias=False,
+            device=anchor.weight.device, dtype=anchor.weight.dtype,
+        )
+        nn.init.dirac_(self.reprogram.weight, groups=channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reprogram(self.anchor(x))
+
+
+def _classifier(model: nn.Module) -> Optional[nn.Module]:
+    get_classifier = getattr(model, "get_classifier", None)
+    return get_classifier() if callable(get_classifier) else None
+
+
+def _head_name(model: nn.Module) -> Optional[str]:
+    head = _classifier(model)
+    return next((name for name, m in model.named_modules() if head is not None and m is head), None)
+
+
+def reprogram(
+    model: nn.Module, kernel_size: int = 3, skip_pointwise: bool = True, num_classes: Optional[int] = None
+) -> nn.Module:
+    """Turn ``model`` (in place) into a CLR model: frozen anchor convs, trainable reprogramming convs, norms and head.
+
+    Right after this call the model computes exactly what it computed before (the reprogramming convs start as the
+    identity). What stays trainable: every ``reprogram`` conv, every BatchNorm layer and the classifier
+    (``model.get_classifier()``, timm's contract), which ``num_classes`` replaces by a new head first.
+
+    Args:
+        model: a timm-style model (pretrained weights already loaded).
+        kernel_size: odd kernel size of the depthwise reprogramming convs.
+        skip_pointwise: leave 1x1 convolutions without a reprogramming conv (as the paper does).
+        num_classes: if given, a new classifier for this many classes (``model.reset_classifier``).
+
+    Returns:
+        ``model``.
+    """
+    if any(isinstance(m, CLRConv2d) for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} is already reprogrammed (it holds CLRConv2d layers)")
+    if num_classes is not None:
+        if not hasattr(model, "reset_classifier"):
+            raise TypeError(f"num_classes={num_classes} needs a model with reset_classifier, not {type(model).__name__}")
+        model.reset_classifier(num_classes)
+    head = _classifier(model)
+    head_modules = set(head.modules()) if head is not None else set()
+    targets = [
+        (name, m)
+        for name, m in model.named_modules()
+        if type(m) is nn.Conv2d and m not in head_modules and not (skip_pointwise and m.kernel_size == (1, 1))
+    ]
+    if not targets:
+        raise ValueError(
+            f"{type(model).__name__} has no Conv2d to reprogram (skip_pointwise={skip_pointwise}, kernel_size="
+            f"{kernel_size})"
+        )
+    model.requires_grad_(False)
+    for name, conv in targets:
+        model.set_submodule(name, CLRConv2d(conv, kernel_size))
+    for m in model.modules():
+        if isinstance(m, CLRConv2d):
+            m.reprogram.requires_grad_(True)
+        elif isinstance(m, _BatchNorm):
+            m.requires_grad_(True)
+    if head is not None:
+        head.requires_grad_(True)
+    _logger.info("CLR: reprogrammed %d convolutions of %s", len(targets), type(model).__name__)
+    return model
+
+
+def task_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """One task's state of a reprogrammed model: reprogramming convs, BatchNorm params and statistics, classifier."""
+    reprogrammed = [f"{name}.reprogram" for name, m in model.named_modules() if isinstance(m, CLRConv2d)]
+    if not reprogrammed:
+        raise ValueError(f"{type(model).__name__} is not reprogrammed: call chanzoo.channel.clr.reprogram(model) first")
+    norms = [name for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    head = _head_name(model)
+    task_modules = set(reprogrammed + norms + ([head] if head else []))
+    state = model.state_dict()
+    return {
+        key: value
+        for key, value in state.items()
+        if any(key.startswith(prefix + ".") for prefix in task_modules)
+    }
+
+
+def task_parameter_count(model: nn.Module, include_head: bool = False) -> int:
+    """Trainable parameters one task adds to the anchor (reprogramming convs and norms; the head if asked)."""
+    head = _classifier(model)
+    head_params = {id(p) for p in head.parameters()} if head is not None and not include_head else set()
+    return sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in head_params)
+
+
+def save_task(model: nn.Module, path: PathLike) -> Path:
+    """Write the current task's state (``task_state_dict``) to a safetensors file, atomically."""
+    path = Path(path)
+    state = {key: value.detach().contiguous().cpu() for key, value in task_state_dict(model).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_task(model: nn.Module, path: PathLike) -> nn.Module:
+    """Restore a task saved by ``save_task`` into the reprogrammed ``model`` (a head of another width is rebuilt)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"task file {str(path)!r} does not exist")
+    state = load_file(str(path))
+    expected = task_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"task file {str(path)!r} does not fit {type(model).__name__}: missing keys {missing[:5]}, "
+            f"unexpected keys {unexpected[:5]}"
+        )
+    head = _head_name(model)
+    head_key = f"{head}.weight" if head and f"{head}.weight" in expected else None
+    if head_key is not None and state[head_key].shape != expected[head_key].shape and hasattr(model, "reset_classifier"):
+        model.reset_classifier(int(state[head_key].shape[0]))
+        model.get_classifier().requires_grad_(True)
+        expected = task_state_dict(model)
+    wrong = [k for k in expected if expected[k].shape != state[k].shape]
+    if wrong:
+        raise ValueError(
+            f"task file {str(path)!r} does not fit {type(model).__name__}: shapes differ for {wrong[:5]} "
+            f"(file {tuple(state[wrong[0]].shape)}, model {tuple(expected[wrong[0]].shape)})"
+        )
+    device = next(model.parameters()).device
+    model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False)
+    return model
