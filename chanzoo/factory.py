@@ -114,6 +114,11 @@ def _recording(factory: AttnFactory, built: list[tuple[nn.Module, int]]) -> Attn
 
 def _apply_stage_attn(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
     """Forward hook: run the stage's own ``channel_attn`` child on its output (plain function: deepcopy-safe)."""
+    if not isinstance(output, torch.Tensor) or output.ndim != 4:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ValueError(
+            f"the stage {type(module).__name__} returned {shape}, but its channel module needs a 4-D feature map"
+        )
     return module.channel_attn(output)
 
 
@@ -197,6 +202,11 @@ def insert_stage_attention(
     stage, so the backbone's own state-dict keys are unchanged (pretrained weights still load) and the new keys read
     ``<stage>.channel_attn.*``.
     """
+    if getattr(model, "num_prefix_tokens", None) is not None:
+        raise ValueError(
+            f"{model_name or type(model).__name__} is a token model: its stages output (B, N, C) token sequences, "
+            "not feature maps, and it has no native channel-attention slot, so a channel module cannot be placed"
+        )
     stages = feature_stages(model)
     per_stage = per_stage or {}
     _check_stage_count(per_stage, [name for name, _ in stages], model_name or type(model).__name__)
