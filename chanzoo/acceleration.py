@@ -24,7 +24,6 @@ REGIONAL_CHOICES = ("auto", True, False)
 CPU_MEASURED: dict[str, dict[str, bool]] = {
     "davit": {"channels_last": False, "compile": True},
     "inception_next": {"channels_last": True, "compile": True},
-    "resnet": {"channels_last": True, "compile": False},
 }
 
 BoolOrAuto = Union[bool, str]
@@ -82,6 +81,7 @@ def prepare_model(
     device: Optional[Union[str, torch.device]] = None,
     regional: BoolOrAuto = "auto",
     inference: bool = False,
+    move: bool = True,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Move ``model`` to ``device``, set its memory format and compile it in place; returns it and what was applied.
 
@@ -95,6 +95,7 @@ def prepare_model(
         regional: compile each repeated block (``repeated_blocks``) instead of the whole model; 'auto' = when the
             model repeats a block and is trained (each block is compiled once per shape, which cuts compile time),
             whole-model for inference, where it was measured faster to run.
+        move: move the model to ``device``; ``False`` only decides for ``device`` (Lightning moves the model later).
         inference: the model only runs under ``torch.inference_mode``/``no_grad``: lets inductor freeze the weights
             into the graph (constant folding, oneDNN weight prepacking on CPU). Never for a model being trained.
     """
@@ -108,18 +109,25 @@ def prepare_model(
     measured = CPU_MEASURED.get(family, {"channels_last": False, "compile": False})
     on_cuda = dev.type == "cuda"
     applied: dict[str, Any] = {"device": str(dev), "family": family}
+    if on_cuda:
+        reason = "auto: on for CUDA"
+    elif family in CPU_MEASURED:
+        reason = f"auto: CPU_MEASURED[{family!r}]"
+    else:
+        reason = f"auto: {family!r} not measured on CPU, so off"
 
     if channels_last == "auto":
         channels_last = on_cuda or measured["channels_last"]
-        applied["channels_last_reason"] = "auto: " + ("CUDA" if on_cuda else f"measured on CPU for {family!r}")
-    model = model.to(dev)
+        applied["channels_last_reason"] = reason
+    if move:
+        model = model.to(dev)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     applied["channels_last"] = bool(channels_last)
 
     if compile == "auto":
         compile = on_cuda or measured["compile"]
-        applied["compile_reason"] = "auto: " + ("CUDA" if on_cuda else f"measured on CPU for {family!r}")
+        applied["compile_reason"] = reason
     applied["compile"] = "off"
     if compile:
         blocks = repeated_blocks(model)
@@ -148,6 +156,22 @@ def prepare_model(
         )
     _logger.info("prepare_model(%s): %s", type(model).__name__, applied)
     return model, applied
+
+
+def prepare_from_config(model: nn.Module, model_cfg: dict[str, Any], accelerator: str, inference: bool) -> nn.Module:
+    """``prepare_model`` with a ``model`` config's ``compile``/``compile_mode``/``channels_last`` keys, for a
+    Lightning run on ``accelerator`` ('auto'/'gpu'/'cuda' use CUDA when present); the trainer moves the model."""
+    on_cuda = torch.cuda.is_available() and str(accelerator) in ("auto", "gpu", "cuda")
+    model, _ = prepare_model(
+        model,
+        compile=model_cfg.get("compile", False),
+        compile_mode=model_cfg.get("compile_mode"),
+        channels_last=model_cfg.get("channels_last", "auto"),
+        device="cuda" if on_cuda else "cpu",
+        inference=inference,
+        move=False,
+    )
+    return model
 
 
 def to_input_format(x: torch.Tensor, applied: dict[str, Any]) -> torch.Tensor:

@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from chanzoo.acceleration import prepare_from_config
 from chanzoo.callbacks import AtomicCheckpointIO, EpochSeed, PlotCurves
 from chanzoo.factory import create_model
 from chanzoo.tasks.channel_subsets import run_channel_subsets
@@ -123,6 +124,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg.data)
     model = build_model(cfg.model)
+    model = prepare_from_config(model, _plain(cfg.model), cfg.trainer.get("accelerator", "auto"), inference=False)
     check_channels(model, datamodule, cfg.data.get("name", "data"))
     if hasattr(datamodule, "set_model"):
         datamodule.set_model(model)
@@ -181,6 +183,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ValueError("eval.py needs ckpt_path=<file.ckpt> or model=<name> (e.g. model.pretrained=true)")
     datamodule = build_datamodule(cfg.data)
     model = build_model(model_cfg)
+    model = prepare_from_config(model, model_cfg, cfg.trainer.get("accelerator", "auto"), inference=True)
     check_channels(model, datamodule, cfg.data.get("name", "data"))
     if hasattr(datamodule, "set_model"):
         datamodule.set_model(model)
