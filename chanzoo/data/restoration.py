@@ -226,6 +226,11 @@ def _expand_sources(sources: Union[str, Sequence[str]], argument: str) -> list[s
     for source in sources:
         source = str(source)
         if source.startswith(SKIMAGE_PREFIX):
+            import skimage.data
+
+            name = source[len(SKIMAGE_PREFIX) :]
+            if not callable(getattr(skimage.data, name, None)):
+                raise ValueError(f"{argument}: {source!r}: skimage.data has no image {name!r}")
             out.append(source)
         elif Path(source).expanduser().is_dir():
             out.extend(str(p) for p in _list_images(source, argument))

@@ -444,7 +444,7 @@ class RGT(nn.Module):
 
         self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, padding=1)
         self.before_RG = nn.Sequential(Rearrange("b c h w -> b (h w) c"), nn.LayerNorm(embed_dim))
-        dpr = torch.linspace(0, drop_path_rate, sum(depth)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depth), device="cpu").tolist()
         self.layers = nn.ModuleList()
         self.feature_info = []
         for i, (d, h) in enumerate(zip(depth, heads)):
