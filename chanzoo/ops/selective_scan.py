@@ -139,52 +139,53 @@ def selective_scan_ref(
 
 def _eager_block(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                  h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scan one block: u, delta (b, d, S); B, C (b, d, S, N) expanded to channels; h0 (b, d, N) -> (y, h_end)."""
+    """Scan one block: u, delta (b, d, S); B, C (b, G, N, S); h0 (b, d, N) -> (y (b, d, S), h_end)."""
     batch, dim, length = u.shape
-    n_state = A.shape[1]
+    groups, n_state = B.shape[1], A.shape[1]
     chunk = min(_EAGER_CHUNK, length)
     n_chunks = -(-length // chunk)
     pad = n_chunks * chunk - length
-    decay = torch.exp(delta[..., None] * A[:, None, :])  # (b, d, S, N), every entry in (0, 1]
-    drive = (delta * u)[..., None] * B
-    if pad:  # padded steps neither decay nor drive the state
-        decay = F.pad(decay, (0, 0, 0, pad), value=1.0)
-        drive = F.pad(drive, (0, 0, 0, pad))
-    decay = decay.view(batch, dim, n_chunks, chunk, n_state)
-    drive = drive.view(batch, dim, n_chunks, chunk, n_state)
-    # Level 1: every chunk from a zero state, all chunks at once; prod = running product of decays in the chunk.
-    local, prods = [drive[:, :, :, 0]], [decay[:, :, :, 0]]
+    if pad:  # padded steps neither decay (delta = 0) nor drive the state (u = 0)
+        u, delta, B, C = (F.pad(t, (0, pad)) for t in (u, delta, B, C))
+
+    def steps_first(t: torch.Tensor) -> torch.Tensor:  # (b, d, S) -> contiguous (T, nc, b, d)
+        return t.reshape(batch, dim, n_chunks, chunk).permute(3, 2, 0, 1).contiguous()
+
+    def expand(t: torch.Tensor) -> torch.Tensor:  # (b, G, N, S) -> contiguous (T, nc, b, d, N)
+        t = t.reshape(batch, groups, 1, n_state, n_chunks, chunk).permute(5, 4, 0, 1, 2, 3)
+        return t.expand(chunk, n_chunks, batch, groups, dim // groups, n_state).reshape(
+            chunk, n_chunks, batch, dim, n_state)
+
+    delta_k, drive_k = steps_first(delta), steps_first(delta * u)
+    # Decay from the chunk start to step k: exp(A * cumsum(delta)), the exponent is a sum of terms <= 0.
+    prod = torch.exp(delta_k.cumsum(0)[..., None] * A)  # (T, nc, b, d, N), every entry in (0, 1]
+    decay = torch.exp(delta_k[..., None] * A)
+    drive = drive_k[..., None] * expand(B)
+    # Level 1: every chunk from a zero state, all chunks at once; each step reads contiguous (nc, b, d, N) slabs.
+    # (unbind, not indexing: the backward of one unbind is one stack, that of T indexings T full-size zero fills)
+    drives, decays = drive.unbind(0), decay.unbind(0)
+    local = [drives[0]]
     for k in range(1, chunk):
-        local.append(decay[:, :, :, k] * local[-1] + drive[:, :, :, k])
-        prods.append(decay[:, :, :, k] * prods[-1])
-    local_h = torch.stack(local, dim=3)
-    prod = torch.stack(prods, dim=3)
+        local.append(torch.addcmul(drives[k], decays[k], local[-1]))
+    local_h = torch.stack(local)
     # Level 2: the state entering each chunk (a short sequential scan over chunk ends).
     starts = [h0]
-    for c in range(n_chunks):
-        starts.append(prod[:, :, c, -1] * starts[-1] + local_h[:, :, c, -1])
-    h_start = torch.stack(starts[:-1], dim=2)  # (b, d, n_chunks, N)
-    h = local_h + prod * h_start[:, :, :, None]
-    h = h.view(batch, dim, n_chunks * chunk, n_state)[:, :, :length]
-    return (h * C).sum(-1), starts[-1]
+    for end_h, end_prod in zip(local[-1].unbind(0), prod[-1].unbind(0)):
+        starts.append(torch.addcmul(end_h, end_prod, starts[-1]))
+    h = torch.addcmul(local_h, prod, torch.stack(starts[:-1]))
+    y = (h * expand(C)).sum(-1).permute(2, 3, 1, 0).reshape(batch, dim, n_chunks * chunk)
+    return y[..., :length], starts[-1]
 
 
 def _scan_eager(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """Scan core y_t = <C_t, h_t> in eager PyTorch, block by block (checkpointed when gradients are needed)."""
     batch, dim, length = u.shape
-    groups, n_state = B.shape[1], A.shape[1]
-    h = u.new_zeros(batch, dim, n_state)
+    h = u.new_zeros(batch, dim, A.shape[1])
     ys = []
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C))
     for start in range(0, length, _EAGER_BLOCK):
         stop = min(start + _EAGER_BLOCK, length)
-        seg = stop - start
-
-        def expand(t: torch.Tensor) -> torch.Tensor:  # (b, G, N, S) -> (b, d, S, N) without copying the groups
-            t = t[..., start:stop].transpose(-1, -2).unsqueeze(2)
-            return t.expand(batch, groups, dim // groups, seg, n_state).reshape(batch, dim, seg, n_state)
-
-        args = (u[..., start:stop], delta[..., start:stop], A, expand(B), expand(C), h)
+        args = (u[..., start:stop], delta[..., start:stop], A, B[..., start:stop], C[..., start:stop], h)
         y, h = checkpoint(_eager_block, *args, use_reentrant=False) if need_grad else _eager_block(*args)
         ys.append(y)
     return torch.cat(ys, dim=-1)
