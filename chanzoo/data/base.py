@@ -1,18 +1,38 @@
 """Shared loader logic of chanzoo's classification datamodules."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+
+
+class EpochSampler(DistributedSampler):
+    """``DistributedSampler`` that also re-seeds ``generators`` from (seed, epoch, rank) in every ``set_epoch``.
+
+    Lightning calls ``set_epoch`` before it fetches an epoch's first batch, so the batch order, the loader's worker
+    seeds and any augmentation drawn from these generators depend only on the epoch: a run resumed from an
+    epoch-end checkpoint sees exactly the batches the uninterrupted run saw.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, generators: Sequence[torch.Generator]):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.generators = list(generators)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        for i, generator in enumerate(self.generators):
+            generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1009 + self.rank) * 31 + i)
 
 
 class ClassificationDataModule(L.LightningDataModule):
     """Holds ``train_set``/``val_set``/``test_set`` and builds their loaders.
 
-    The training loader shuffles with a ``DistributedSampler`` built for the trainer's world size (one replica when
-    not distributed): its order is a function of (seed, epoch) only, because Lightning calls ``set_epoch`` before
-    every epoch, which is what makes a resumed run see the same batches as an uninterrupted one.
+    The training loader shuffles with an ``EpochSampler`` built for the trainer's world size (one replica when not
+    distributed); ``loader_generator`` (worker seeds) and ``augment_generator`` (augmentation done on the batch after
+    transfer) are re-seeded by it every epoch.
     """
 
     def __init__(
@@ -40,6 +60,8 @@ class ClassificationDataModule(L.LightningDataModule):
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
         self.test_set: Optional[Dataset] = None
+        self.loader_generator = torch.Generator()
+        self.augment_generator = torch.Generator()
 
     def _loader(self, dataset: Optional[Dataset], train: bool) -> DataLoader:
         if dataset is None:
@@ -48,7 +70,8 @@ class ClassificationDataModule(L.LightningDataModule):
         rank = self.trainer.global_rank if self.trainer is not None else 0
         sampler = None
         if train and not isinstance(dataset, IterableDataset):  # iterable readers shard themselves
-            sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed)
+            generators = (self.loader_generator, self.augment_generator)
+            sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, seed=self.seed, generators=generators)
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
@@ -58,6 +81,7 @@ class ClassificationDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=False,
+            generator=self.loader_generator if train else None,
         )
 
     def train_dataloader(self) -> DataLoader:

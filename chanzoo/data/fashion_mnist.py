@@ -65,6 +65,7 @@ class FashionMNISTDataModule(ClassificationDataModule):
 
     Images stay uint8 in memory; batches are normalised and augmented (random shift by up to ``pad`` pixels and
     horizontal flip) on the device, after transfer, which keeps a 2-core CPU busy with the model, not the loader.
+    The augmentation draws from ``augment_generator``, re-seeded every epoch by the training sampler.
 
     Args:
         root: folder with the four idx ``.gz`` files.
@@ -119,23 +120,28 @@ class FashionMNISTDataModule(ClassificationDataModule):
         images, labels = batch
         images = images.float().div_(255.0)
         if self.trainer is not None and self.trainer.training and (self.pad or self.hflip):
-            images = random_shift_flip(images, self.pad, self.hflip)
+            images = random_shift_flip(images, self.pad, self.hflip, self.augment_generator)
         images = (images - MEAN) / STD
         return [images, labels]
 
 
-def random_shift_flip(images: torch.Tensor, pad: int, hflip: bool) -> torch.Tensor:
-    """Per-image random translation by up to ``pad`` pixels (zero fill) and optional horizontal flip, batched."""
+def random_shift_flip(
+    images: torch.Tensor, pad: int, hflip: bool, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """Per-image random translation by up to ``pad`` pixels (zero fill) and optional horizontal flip, batched.
+
+    Draws come from ``generator`` (a CPU generator; the global one when ``None``) whatever the images' device.
+    """
     n, _, h, w = images.shape
     if pad:
         padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (n,), device=images.device)
-        dx = torch.randint(0, 2 * pad + 1, (n,), device=images.device)
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(images.device)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(images.device)
         rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
         cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
         batch_idx = torch.arange(n, device=images.device)[:, None, None, None]
         images = padded[batch_idx, torch.arange(images.shape[1], device=images.device)[None, :, None, None], rows, cols]
     if hflip:
-        flip = torch.rand(n, device=images.device) < 0.5
+        flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
     return images
