@@ -1,0 +1,134 @@
+"""The fast selective-scan paths equal the sequential reference in outputs and in the gradients of every input."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from chanzoo.ops import selective_scan as ss
+from chanzoo.ops.selective_scan import available_backends, selective_scan, selective_scan_ref
+
+FAST = [b for b in ("eager", "cpp") if b in available_backends()]
+INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def make(batch: int, dim: int, length: int, state: int, groups, with_d: bool, with_z: bool, with_bias: bool,
+         seed: int, softplus: bool = True) -> dict:
+    """Random inputs; without softplus, delta (and delta + delta_bias) is non-negative, as the scan requires."""
+    g = torch.Generator().manual_seed(seed)
+    bc_shape = (batch, state, length) if groups is None else (batch, groups, state, length)
+    t = {
+        "u": torch.randn(batch, dim, length, generator=g),
+        "delta": torch.randn(batch, dim, length, generator=g) - 1.0 if softplus else torch.rand(batch, dim, length, generator=g),
+        "A": -torch.rand(dim, state, generator=g) * 4,
+        "B": torch.randn(*bc_shape, generator=g),
+        "C": torch.randn(*bc_shape, generator=g),
+        "D": torch.randn(dim, generator=g) if with_d else None,
+        "z": torch.randn(batch, dim, length, generator=g) if with_z else None,
+        "delta_bias": (torch.randn(dim, generator=g) if softplus else torch.rand(dim, generator=g)) if with_bias else None,
+    }
+    return {k: (v.requires_grad_() if v is not None else None) for k, v in t.items()}
+
+
+def outputs_and_grads(fn, inputs: dict, **kw) -> list[torch.Tensor]:
+    for v in inputs.values():
+        if v is not None:
+            v.grad = None
+    y = fn(**inputs, **kw)
+    weight = torch.cos(torch.arange(y.numel(), dtype=torch.float32)).view_as(y)  # a non-uniform upstream gradient
+    (y * weight).sum().backward()
+    return [y.detach()] + [inputs[k].grad.clone() for k in INPUTS if inputs[k] is not None]
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+
+
+# (batch, dim, length, state, groups): length 1, lengths not divisible by the chunks (32 eager, 64 C++) or the
+# eager block (1024), grouped B/C.
+SHAPES = [(2, 3, 1, 4, None), (1, 4, 33, 16, None), (2, 6, 97, 5, 3), (1, 2, 1100, 8, None), (3, 4, 64, 1, 2)]
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("options", [(True, True, True, True), (False, False, False, False), (True, False, True, False)])
+def test_fast_path_matches_reference(backend, shape, options):
+    with_d, with_z, with_bias, softplus = options
+    inputs = make(*shape, with_d, with_z, with_bias, seed=sum(shape[:4]), softplus=softplus)
+    ref = outputs_and_grads(selective_scan_ref, inputs, delta_softplus=softplus)
+    got = outputs_and_grads(selective_scan, inputs, delta_softplus=softplus, backend=backend)
+    names = ["out"] + [k for k in INPUTS if inputs[k] is not None]
+    for name, x, r in zip(names, got, ref):
+        assert x.shape == r.shape, name
+        assert rel_err(x, r) <= 1e-4, f"{backend} {name}: relative error {rel_err(x, r):.2e}"
+
+
+def test_reference_is_the_recurrence():
+    """One state, one channel: the reference equals a hand-unrolled two-step recurrence."""
+    u, delta = torch.tensor([[[1.0, 2.0]]]), torch.tensor([[[0.5, 0.25]]])
+    A, B, C = torch.tensor([[-2.0]]), torch.tensor([[[3.0, -1.0]]]), torch.tensor([[[0.5, 4.0]]])
+    h1 = 0.5 * 1.0 * 3.0
+    h2 = torch.exp(torch.tensor(0.25 * -2.0)) * h1 + 0.25 * 2.0 * -1.0
+    expected = torch.tensor([[[0.5 * h1, 4.0 * h2.item()]]])
+    torch.testing.assert_close(selective_scan_ref(u, delta, A, B, C), expected)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_safe_for_large_decay(backend):
+    """delta * |A| summing to ~1e5 over the sequence: no overflow, and the state forgets the past completely."""
+    inputs = make(1, 2, 200, 4, None, False, False, False, seed=0, softplus=False)
+    with torch.no_grad():
+        inputs["delta"].fill_(50.0)
+        inputs["A"].fill_(-10.0)
+        y = selective_scan(**inputs, backend=backend)
+        ref = selective_scan_ref(**inputs)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, ref) <= 1e-4
+
+
+def test_bfloat16_inputs_keep_their_dtype():
+    inputs = make(1, 2, 40, 4, None, True, True, True, seed=1)
+    with torch.no_grad():
+        low = {k: (v.bfloat16() if k in ("u", "z") else v) for k, v in inputs.items()}
+        y = selective_scan(**low, delta_softplus=True)
+        ref = selective_scan_ref(**low, delta_softplus=True)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y.float(), ref.float()) <= 1e-2
+
+
+def test_auto_logs_choice_once(caplog):
+    inputs = make(1, 2, 8, 4, None, False, False, False, seed=2)
+    ss._logged.clear()
+    with caplog.at_level(logging.INFO, logger="chanzoo.ops.selective_scan"), torch.no_grad():
+        selective_scan(**inputs)
+        selective_scan(**inputs)
+    choices = [r.getMessage() for r in caplog.records if "using the" in r.getMessage()]
+    assert len(choices) == 1
+    assert ("cpp" if "cpp" in FAST else "eager") in choices[0]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(u=torch.zeros(2, 3)), "u must have shape"),
+        (dict(delta=torch.zeros(1, 4, 9)), "delta must have u's shape"),
+        (dict(A=torch.zeros(5, 4)), "A must have shape"),
+        (dict(B=torch.zeros(1, 3, 8)), "B must have shape"),
+        (dict(C=torch.zeros(1, 3, 4, 8)), "C must have shape"),
+        (dict(D=torch.zeros(3)), "D must have shape"),
+        (dict(z=torch.zeros(1, 4, 7)), "z must have u's shape"),
+        (dict(delta_bias=torch.zeros(2)), "delta_bias must have shape"),
+        (dict(backend="cuda_fast"), "backend must be one of"),
+    ],
+)
+def test_bad_arguments_name_the_argument(change, message):
+    inputs = {k: v for k, v in make(1, 4, 8, 4, None, False, False, False, seed=3).items() if v is not None}
+    with pytest.raises(ValueError, match=message):
+        selective_scan(**{**inputs, **change})
+
+
+def test_mamba_ssm_backend_needs_cuda():
+    inputs = {k: v for k, v in make(1, 2, 4, 2, None, False, False, False, seed=4).items() if v is not None}
+    with pytest.raises(ValueError, match="mamba_ssm"):
+        selective_scan(**inputs, backend="mamba_ssm")
