@@ -13,7 +13,9 @@ from torch import nn
 _logger = logging.getLogger(__name__)
 
 _OPTIM_KEYS = {"name", "lr", "lr_base_batch", "weight_decay", "momentum", "betas", "eps", "layer_decay", "nesterov"}
-_SCHED_KEYS = {"name", "warmup_epochs", "warmup_lr", "min_lr", "decay_milestones", "decay_rate", "cooldown_epochs"}
+_SCHED_KEYS = {
+    "name", "warmup_epochs", "warmup_lr", "min_lr", "decay_milestones", "decay_rate", "cooldown_epochs", "warmup_prefix",
+}
 
 
 def _check_keys(cfg: Mapping[str, Any], allowed: set[str], group: str) -> None:
@@ -58,11 +60,18 @@ def build_scheduler(
     extra = {k: sched_cfg[k] for k in ("decay_milestones", "decay_rate", "cooldown_epochs") if k in sched_cfg}
     if "decay_milestones" in extra:
         extra["decay_milestones"] = list(extra["decay_milestones"])
+    # warmup_prefix: the decay starts after the warm-up and fills the remaining epochs (with warmup_lr = lr the
+    # warm-up is a constant phase, e.g. Histoformer's fixed lr before its cosine cycle)
+    warmup_prefix = bool(sched_cfg.get("warmup_prefix", False))
+    warmup_epochs = sched_cfg.get("warmup_epochs", 0)
+    if warmup_prefix and warmup_epochs >= num_epochs:
+        raise ValueError(f"warmup_epochs={warmup_epochs} with warmup_prefix must be < the {num_epochs} training epochs")
     scheduler, _ = create_scheduler_v2(
         optimizer,
         sched=sched_cfg["name"],
-        num_epochs=num_epochs,
-        warmup_epochs=sched_cfg.get("warmup_epochs", 0),
+        num_epochs=num_epochs - warmup_epochs if warmup_prefix else num_epochs,
+        warmup_epochs=warmup_epochs,
+        warmup_prefix=warmup_prefix,
         warmup_lr=float(sched_cfg.get("warmup_lr", 1e-6)),
         min_lr=float(sched_cfg.get("min_lr", 0.0)),
         step_on_epochs=False,

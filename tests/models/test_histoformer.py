@@ -2,6 +2,9 @@
 histogram attention against a loop reference, features, errors and training on real photos."""
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
 import pytest
 import timm
@@ -17,6 +20,7 @@ from chanzoo.models.histoformer import (
 )
 from chanzoo.tasks import RestorationTask
 from chanzoo.tasks.losses import PearsonCorrelationLoss
+from conftest import REPO
 
 # the official histoformer_arch.py with the released Allweather_Histoformer.yml, counted on CPU (see docs)
 OFFICIAL_PARAMS = 16_615_100
@@ -238,3 +242,55 @@ def test_training_on_real_photos_lowers_l1_plus_pearson(photos):
     assert set(history[0]) == {"l1", "aux", "total"}
     assert history[-1]["total"] < 0.5 * history[0]["total"]
     assert history[-1]["l1"] < (lq - gt).abs().mean().item()
+
+
+def test_allweather_recipe_lr_follows_the_official_schedule():
+    """Composed recipe: constant 3e-4, then BasicSR's CosineAnnealingRestartCyclicLR (3e-4 -> 1e-6), per iteration."""
+    from hydra import compose, initialize_config_dir
+
+    from chanzoo.tasks.optim import build_scheduler
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=histoformer_allweather", "data.root=/unused"])
+    assert cfg.task.aux_loss._target_.endswith("PearsonCorrelationLoss") and cfg.task.aux_loss_weight == 1.0
+    assert cfg.task.crop_border == 0 and cfg.trainer.gradient_clip_val == 0.01
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=cfg.optim.lr)
+    per_epoch = 18069 // cfg.data.batch_size
+    scheduler = build_scheduler(optimizer, dict(cfg.sched), cfg.trainer.max_epochs, per_epoch)
+    constant = cfg.sched.warmup_epochs * per_epoch
+    cosine = (cfg.trainer.max_epochs - cfg.sched.warmup_epochs) * per_epoch
+    assert abs(constant - 92_000) < per_epoch and abs(cosine - 208_000) < per_epoch
+    for step in (0, 45_000, constant - 1, constant + 1, constant + cosine // 3, constant + cosine - 1):
+        scheduler.step_update(step)
+        t = max(0, step - constant)
+        official = 1e-6 + 0.5 * (3e-4 - 1e-6) * (1 + math.cos(math.pi * t / cosine))
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(official, rel=1e-6)
+
+
+def test_train_py_runs_the_allweather_recipe_on_real_photo_pairs(tmp_path):
+    """train.py with the recipe on an All-Weather-layout folder of hazed photos (tiny model, two short epochs)."""
+    from PIL import Image
+
+    from conftest import only_run_dir, run_entry
+
+    def write(folder, name, image):
+        (tmp_path / "aw" / folder).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp_path / "aw" / folder / name)
+
+    for split, names in (("", ("astronaut", "chelsea", "coffee")), ("test/Test1/", ("rocket",))):
+        for name in names:
+            clean = np.asarray(getattr(__import__("skimage.data").data, name)())[:64, :72]
+            write(f"{split}gt", f"{name}.png", clean)
+            write(f"{split}input", f"{name}.png", (0.5 * clean + 100).astype(np.uint8))
+    runs = tmp_path / "runs"
+    tiny = [f"+model.kwargs.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in TINY.items()]
+    overrides = [
+        "experiment=histoformer_allweather", f"data.root={tmp_path / 'aw'}", "data.patch_size=32", "data.batch_size=2",
+        "data.num_workers=0", "sched.warmup_epochs=1", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
+        "trainer.num_sanity_val_steps=0", "trainer.accelerator=cpu", *tiny,
+    ]
+    result = run_entry("train.py", overrides, runs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((only_run_dir(runs, "histoformer_allweather") / "metrics.json").read_text())
+    assert np.isfinite(metrics["val/psnr_y"]) and metrics["val/psnr_y"] > 5
