@@ -1,0 +1,109 @@
+"""Speed of chanzoo's channel modules, side by side in one run.
+
+1. Forward+backward time of each module on (B, 256, 56, 56) and (B, 2048, 7, 7) feature maps, with timm's
+   equivalent beside ours where timm has one (SE: ``SEModule`` with the same hidden width; ECA: ``EcaModule`` with
+   the same kernel; ELA-B: ``EfficientLocalAttn`` with kernel 7, GroupNorm(16) and no activation, i.e. the same
+   function with separate H/W convs).
+2. ResNet-50 end-to-end inference throughput with each module in its native slot, relative to plain ResNet-50.
+
+All candidates of one table are timed in turn (A, B, C, A, B, C, ...; ``chanzoo.profile.time_interleaved``), so load
+from other processes falls on all of them alike; figures are medians.
+
+    python benchmarks/channel_modules.py [--batch 32] [--img-size 224] [--repeats 10] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+from functools import partial
+from typing import Callable
+
+import torch
+from timm.layers import EcaModule, SEModule
+from timm.layers.coord_attn import EfficientLocalAttn
+from torch import nn
+
+import chanzoo
+from chanzoo.profile import machine_name, time_interleaved
+
+MODULES = ["se", "eca", "ela_t", "ela_b", "ela_s", "ela_l", "psa_p", "psa_s", "cse", "sse", "scse"]
+
+
+def timm_equivalent(name: str, ours: nn.Module, channels: int) -> nn.Module | None:
+    """timm's module computing the same function as ``ours``, or None."""
+    if name == "se":
+        return SEModule(channels, rd_channels=ours.fc1.out_channels)
+    if name == "eca":
+        return EcaModule(None, kernel_size=ours.kernel_size)
+    if name == "ela_b":
+        return EfficientLocalAttn(channels, kernel_size=7, act_layer=nn.Identity, norm_layer=partial(nn.GroupNorm, 16))
+    return None
+
+
+def fwd_bwd(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        module(x).sum().backward()
+
+    return step
+
+
+def module_table(shape: tuple[int, int, int, int], repeats: int) -> None:
+    channels = shape[1]
+    x = torch.randn(shape, requires_grad=True)  # timing only: values do not change the work done
+    fns, pairs = {}, []
+    for name in MODULES:
+        ours = chanzoo.create_channel_module(name, channels)
+        fns[name] = fwd_bwd(ours, x)
+        theirs = timm_equivalent(name, ours, channels)
+        if theirs is not None:
+            fns[f"timm:{name}"] = fwd_bwd(theirs, x)
+            pairs.append(name)
+    timings = time_interleaved(fns, torch.device("cpu"), warmup=1, repeats=repeats)
+    print(f"\nforward+backward on {tuple(shape)}, median of {repeats} (IQR %)")
+    print(f"{'module':<8} {'ours ms':>10} {'timm ms':>10} {'ours vs timm':>13}")
+    for name in MODULES:
+        ours_t = timings[name]
+        line = f"{name:<8} {1e3 * ours_t.median:>10.2f}"
+        if name in pairs:
+            theirs_t = timings[f"timm:{name}"]
+            line += f" {1e3 * theirs_t.median:>10.2f} {theirs_t.median / ours_t.median:>12.2f}x"
+        print(line + f"   (IQR {ours_t.spread_pct:.0f}%)")
+
+
+def resnet50_table(batch: int, img_size: int, repeats: int) -> None:
+    x = torch.randn(batch, 3, img_size, img_size)
+    models = {"plain": chanzoo.create_model("resnet50").eval()}
+    models.update({name: chanzoo.create_model("resnet50", attn=name).eval() for name in MODULES})
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    with torch.no_grad():
+        timings = time_interleaved({n: (lambda m=m: m(x)) for n, m in models.items()}, torch.device("cpu"),
+                                   warmup=1, repeats=repeats)
+    base = timings["plain"].median
+    print(f"\nResNet-50 inference, batch {batch} at {img_size}x{img_size}, median of {repeats}")
+    print(f"{'module':<8} {'params':>12} {'img/s':>8} {'vs plain':>9}")
+    for name, t in timings.items():
+        print(f"{name:<8} {params[name] - params['plain']:>+12,d} {batch / t.median:>8.2f} {base / t.median:>8.3f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32, help="batch of the module tables (the issue's 32)")
+    parser.add_argument("--resnet-batch", type=int, default=32)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--skip-resnet", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"{machine_name(torch.device('cpu'))}, {torch.get_num_threads()} torch threads")
+    for shape in [(args.batch, 256, 56, 56), (args.batch, 2048, 7, 7)]:
+        module_table(shape, args.repeats)
+    if not args.skip_resnet:
+        resnet50_table(args.resnet_batch, args.img_size, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
