@@ -340,6 +340,7 @@ class PairedFolderDataModule(_RestorationDataModule):
     Args:
         train, val, test: ``None`` or ``{gt_dir, lq_dir, lq_template='{key}', gt_suffix=''}``; ``test`` defaults to
             ``val``. ``lq_template`` may use ``{key}`` and ``{scale}``.
+        root: the dataset folder (the configs build the split folders from it; kept as ``self.root``).
         scale: LQ -> GT size factor; ``None`` takes the model's.
         patch_size: LQ side of training patches (the GT patch is ``scale`` times larger).
         augment: random flips and transposes of training patches.
@@ -351,6 +352,7 @@ class PairedFolderDataModule(_RestorationDataModule):
         train: Optional[Mapping[str, Any]] = None,
         val: Optional[Mapping[str, Any]] = None,
         test: Optional[Mapping[str, Any]] = None,
+        root: Optional[str] = None,
         scale: Optional[int] = None,
         patch_size: int = 64,
         augment: bool = True,
@@ -367,6 +369,7 @@ class PairedFolderDataModule(_RestorationDataModule):
             scale, patch_size, augment, dataset_enlarge_ratio, batch_size, eval_batch_size, num_workers, seed,
             num_classes, in_chans, img_size,
         )
+        self.root = root
         if train is None and val is None and test is None:
             raise ValueError("PairedFolderDataModule needs at least one of train, val, test ({gt_dir, lq_dir})")
         self.splits = {"train": train, "val": val, "test": test if test is not None else val}

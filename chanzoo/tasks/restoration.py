@@ -7,7 +7,8 @@ Metrics follow the SR papers' convention (BasicSR's ``calculate_psnr``/``calcula
 ``test_y_channel=True``): the output is clamped to [0, 1] and rounded to 8 bits, ``crop_border`` pixels (the scale
 factor for SR) are cut from every side, and PSNR and SSIM (11x11 Gaussian window, sigma 1.5) are computed per image
 on the BT.601 luma channel ``Y = (16 + 65.481 R + 128.553 G + 24.966 B) / 255`` (``rgb_to_y``) and on RGB, then
-averaged over images. torchmetrics computes them.
+averaged over images. torchmetrics computes them (``ValidSSIM`` keeps only the positions where the window fits, as
+the papers' SSIM does).
 """
 from __future__ import annotations
 
@@ -17,15 +18,16 @@ from typing import Any, Mapping, Optional
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.functional.image import structural_similarity_index_measure
+from torchmetrics.image import PeakSignalNoiseRatio
 
 from chanzoo.ops.tiling import tiled_forward
 from chanzoo.tasks.optim import TimmOptimMixin
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["RestorationTask", "rgb_to_y", "quantize", "restoration_metrics"]
+__all__ = ["RestorationTask", "ValidSSIM", "rgb_to_y", "quantize", "restoration_metrics"]
 
 _BT601 = (65.481, 128.553, 24.966)
 
@@ -43,14 +45,47 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(0.0, 1.0).mul(255.0).round().div(255.0)
 
 
+class ValidSSIM(Metric):
+    """Per-image mean SSIM (Gaussian window 11, sigma 1.5) over the positions where the window fits the image.
+
+    This is the SR papers' SSIM (Wang et al. 2004 as in BasicSR's ``calculate_ssim`` and scikit-image's
+    ``structural_similarity``): torchmetrics' SSIM map is computed on a reflection-padded image, so its border
+    ``kernel_size // 2`` pixels are cut here before averaging.
+    """
+
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, data_range: float = 1.0, kernel_size: int = 11, sigma: float = 1.5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.data_range, self.kernel_size, self.sigma = data_range, kernel_size, sigma
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        pad = self.kernel_size // 2
+        if min(preds.shape[-2:]) <= 2 * pad:
+            raise ValueError(f"SSIM needs images larger than {2 * pad}x{2 * pad}, got {tuple(preds.shape[-2:])}")
+        _, full = structural_similarity_index_measure(
+            preds, target, gaussian_kernel=True, sigma=self.sigma, kernel_size=self.kernel_size,
+            data_range=self.data_range, reduction="none", return_full_image=True,
+        )
+        per_image = full[..., pad:-pad, pad:-pad].flatten(1).mean(1)
+        self.total += per_image.double().sum()
+        self.count += per_image.numel()
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.count).float()
+
+
 def restoration_metrics() -> MetricCollection:
     """Per-image-averaged PSNR and SSIM (data range 1) on Y and on RGB."""
 
     def psnr() -> PeakSignalNoiseRatio:
         return PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3), reduction="elementwise_mean")
 
-    def ssim() -> StructuralSimilarityIndexMeasure:
-        return StructuralSimilarityIndexMeasure(data_range=1.0, gaussian_kernel=True, sigma=1.5, kernel_size=11)
+    def ssim() -> ValidSSIM:
+        return ValidSSIM(data_range=1.0)
 
     return MetricCollection({"psnr_y": psnr(), "ssim_y": ssim(), "psnr": psnr(), "ssim": ssim()}, compute_groups=False)
 

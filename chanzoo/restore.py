@@ -1,0 +1,113 @@
+"""Restore an image file or a folder of images: ``python -m chanzoo.restore model=rgt_s_x4 input=in.png output=out.png``.
+
+Options (Hydra ``key=value``): ``model=<config>`` and ``model.pretrained_file=<weights>`` (or ``model.pretrained=true``),
+``tile=<pixels>`` / ``tile_overlap=<pixels>`` for tiled inference of large images, ``device=auto|cpu|cuda``.
+A folder ``input`` writes one PNG per image into the folder ``output``; a progress bar counts images (and tiles).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from chanzoo.data.restoration import IMAGE_SUFFIXES, load_image
+from chanzoo.ops.tiling import tiled_forward
+
+_logger = logging.getLogger(__name__)
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got {name!r}")
+    return torch.device(name)
+
+
+def plan_files(input_path: str, output_path: str) -> list[tuple[Path, Path]]:
+    """(source, destination) pairs: one file to one file, or every image of a folder into a folder (as PNG)."""
+    source, dest = Path(input_path).expanduser(), Path(output_path).expanduser()
+    if source.is_file():
+        if dest.is_dir():
+            return [(source, dest / f"{source.stem}.png")]
+        return [(source, dest)]
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"input={input_path!r} is a folder without images (looked for {list(IMAGE_SUFFIXES)})")
+        if dest.exists() and not dest.is_dir():
+            raise ValueError(f"input={input_path!r} is a folder, so output={output_path!r} must be a folder too")
+        return [(f, dest / f"{f.stem}.png") for f in files]
+    raise ValueError(f"input={input_path!r} is neither an image file nor a folder")
+
+
+@torch.no_grad()
+def restore_image(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    scale: int,
+    tile: Optional[int] = None,
+    tile_overlap: int = 32,
+    device: torch.device = torch.device("cpu"),
+    progress: Optional[Any] = None,
+) -> np.ndarray:
+    """Run ``model`` on an RGB uint8 HWC image and return the restored RGB uint8 image (``scale`` x larger)."""
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255.0).to(device)
+    if tile is not None:
+        y = tiled_forward(model, x, tile, tile_overlap, scale, progress=progress)
+    else:
+        y = model(x)
+    return y[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def restore(cfg: Any) -> list[Path]:
+    """Restore ``cfg.input`` into ``cfg.output`` with the model of ``cfg.model``; returns the files written."""
+    from chanzoo.run import build_model
+
+    pairs = plan_files(str(cfg.input), str(cfg.output))
+    device = _device(str(cfg.device))
+    model = build_model(cfg.model).eval().to(device)
+    scale = int(getattr(model, "upscale", getattr(model, "scale", 1)))
+    tile = cfg.get("tile")
+    written = []
+    bar = tqdm(pairs, desc="images", unit="img", disable=not cfg.get("progress", True))
+    for source, dest in bar:
+        image = load_image(source)
+        tiles = None
+        if tile is not None and cfg.get("progress", True):
+            tiles = tqdm(desc=f"{source.name} tiles", unit="tile", leave=False)
+
+        def tick(done: int, total: int, bar: Optional[tqdm] = tiles) -> None:
+            if bar is not None:
+                bar.total = total
+                bar.update(1)
+
+        out = restore_image(model, image, scale, tile, int(cfg.tile_overlap), device, tick)
+        if tiles is not None:
+            tiles.close()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(out).save(dest)
+        written.append(dest)
+        _logger.info("%s (%dx%d) -> %s (%dx%d)", source, image.shape[1], image.shape[0], dest, out.shape[1], out.shape[0])
+    return written
+
+
+def main() -> None:
+    """``python -m chanzoo.restore``."""
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="restore")
+    def run(cfg: Any) -> None:
+        restore(cfg)
+
+    run()
+
+
+if __name__ == "__main__":
+    main()
