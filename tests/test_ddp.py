@@ -6,7 +6,7 @@ import torch
 
 from chanzoo.data.fashion_mnist import MEAN, STD, FashionMNISTDataModule
 from chanzoo.run import build_model
-from conftest import only_run_dir, run_entry
+from support import only_run_dir, run_entry
 
 
 @pytest.mark.slow

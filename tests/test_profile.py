@@ -15,7 +15,7 @@ import chanzoo
 from chanzoo.profile import (
     DOCS_BEGIN, DOCS_END, ProfileRow, Variant, count_flops, count_params, flop_report, profile_model, write_docs,
 )
-from conftest import REPO
+from support import REPO
 
 
 def run_profile(overrides: list[str], runs_dir) -> subprocess.CompletedProcess:

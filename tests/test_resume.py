@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from chanzoo.callbacks import AtomicCheckpointIO
-from conftest import REPO, only_run_dir, run_entry
+from support import REPO, only_run_dir, run_entry
 
 RUN = ["deterministic=true", "data.subset=2500", "trainer.max_epochs=3", "test_after_fit=false", "data.batch_size=64"]
 

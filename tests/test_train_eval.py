@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import only_run_dir, run_entry
+from support import only_run_dir, run_entry
 
 QUICK = ["data.subset=3000", "trainer.max_epochs=2", "data.batch_size=64", "sched.warmup_epochs=0"]
 
