@@ -20,7 +20,7 @@ from chanzoo.models.histoformer import (
 )
 from chanzoo.tasks import RestorationTask
 from chanzoo.tasks.losses import PearsonCorrelationLoss
-from conftest import REPO
+from support import REPO
 
 # the official histoformer_arch.py with the released Allweather_Histoformer.yml, counted on CPU (see docs)
 OFFICIAL_PARAMS = 16_615_100
@@ -272,7 +272,7 @@ def test_train_py_runs_the_allweather_recipe_on_real_photo_pairs(tmp_path):
     """train.py with the recipe on an All-Weather-layout folder of hazed photos (tiny model, two short epochs)."""
     from PIL import Image
 
-    from conftest import only_run_dir, run_entry
+    from support import only_run_dir, run_entry
 
     def write(folder, name, image):
         (tmp_path / "aw" / folder).mkdir(parents=True, exist_ok=True)

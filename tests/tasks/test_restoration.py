@@ -18,7 +18,7 @@ from chanzoo.data.restoration import BicubicSRDataModule, PairedFolderDataModule
 from chanzoo.models.rgt import RGT
 from chanzoo.restore import restore
 from chanzoo.tasks.restoration import RestorationTask, quantize, restoration_metrics, rgb_to_y
-from conftest import only_run_dir, run_entry
+from support import only_run_dir, run_entry
 
 TINY = dict(embed_dim=32, num_heads=2, depth=[2], drop_path_rate=0.0)
 ADAM = {"name": "adam", "lr": 2e-3, "weight_decay": 0.0, "betas": [0.9, 0.99]}
