@@ -68,7 +68,7 @@ class _S6Params(nn.Module):
 
 
 class SelectiveTokenMixer(nn.Module):
-    """Selective Token Mixer for images (paper Sec. 3.2 and 4.1; Table 6 "Linear D -> 2D, DWConv 3x3, S6, Linear").
+    """Selective Token Mixer for images (paper Sec. 3.2 and 4.1; appendix table "Linear D -> 2D, DWConv 3x3, S6, Linear").
 
     LayerNorm -> Linear(D, 2E) split into x and the gate z -> depthwise 3x3 conv + SiLU on x -> four S6 scans over the
     cross-scan orders, merged by summation -> multiplied by SiLU(z) -> Linear(E, D). E = ssm_ratio * D. Input and
@@ -95,7 +95,7 @@ class SelectiveTokenMixer(nn.Module):
 
 
 class SelectiveChannelMixer(nn.Module):
-    """Selective Channel Mixer (paper Sec. 3.2, Eq. for y_Channel; Table 6 "CW-Linear, CW-S6, CW-Linear").
+    """Selective Channel Mixer (paper Sec. 3.2, Eq. for y_Channel; appendix table "CW-Linear, CW-S6, CW-Linear").
 
     For every token, its D channel values form a sequence of length D. Each step (one channel) is lifted by a
     channel-wise Linear(1, 2E) to x and the gate z (E = ``expand``, so D*E values per token: the table's "CW-Linear
@@ -336,20 +336,20 @@ def vim2_nano(pretrained: bool = False, **kwargs: Any) -> ViM2:
 
 @register_model
 def vim2_tiny(pretrained: bool = False, **kwargs: Any) -> ViM2:
-    """ViM2-T: dims 96-768, token mixers 2-2-6-2, channel mixers 1-1-3-1 (paper Table 6; 20M params in Table 2)."""
+    """ViM2-T: dims 96-768, token mixers 2-2-6-2, channel mixers 1-1-3-1 (paper appendix table of scales; 20M params in its ImageNet table)."""
     args = dict(dims=(96, 192, 384, 768), token_depths=(2, 2, 6, 2), channel_depths=(1, 1, 3, 1))
     return _create_vim2("vim2_tiny", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vim2_small(pretrained: bool = False, **kwargs: Any) -> ViM2:
-    """ViM2-S: dims 96-768, token mixers 2-2-18-2, channel mixers 1-1-9-1 (paper Table 6; 43M params in Table 2)."""
+    """ViM2-S: dims 96-768, token mixers 2-2-18-2, channel mixers 1-1-9-1 (paper appendix table of scales; 43M params in its ImageNet table)."""
     args = dict(dims=(96, 192, 384, 768), token_depths=(2, 2, 18, 2), channel_depths=(1, 1, 9, 1))
     return _create_vim2("vim2_small", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vim2_base(pretrained: bool = False, **kwargs: Any) -> ViM2:
-    """ViM2-B: dims 128-1024, token mixers 2-2-18-2, channel mixers 1-1-9-1 (paper Table 6; 74M params in Table 2)."""
+    """ViM2-B: dims 128-1024, token mixers 2-2-18-2, channel mixers 1-1-9-1 (paper appendix table of scales; 74M params in its ImageNet table)."""
     args = dict(dims=(128, 256, 512, 1024), token_depths=(2, 2, 18, 2), channel_depths=(1, 1, 9, 1))
     return _create_vim2("vim2_base", pretrained, **dict(args, **kwargs))
