@@ -122,9 +122,9 @@ def selective_scan_ref(
     Cx = _grouped(C).repeat_interleave(dim // groups, dim=1)
     h = u.new_zeros(batch, dim, A.shape[1])
     ys = []
-    for t in range(length):
-        h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[..., None] * Bx[..., t]
-        ys.append((h * Cx[..., t]).sum(-1))
+    for dt, ut, bt, ct in zip(delta.unbind(-1), u.unbind(-1), Bx.unbind(-1), Cx.unbind(-1)):
+        h = torch.exp(dt[..., None] * A) * h + (dt * ut)[..., None] * bt
+        ys.append((h * ct).sum(-1))
     y = torch.stack(ys, dim=-1)
     if D is not None:
         y = y + D.float()[:, None] * u
