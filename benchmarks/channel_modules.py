@@ -10,6 +10,7 @@ All candidates of one table are timed in turn (A, B, C, A, B, C, ...; ``chanzoo.
 from other processes falls on all of them alike; figures are medians.
 
     python benchmarks/channel_modules.py [--batch 32] [--img-size 224] [--repeats 10] [--threads N]
+        [--skip-modules | --skip-resnet]
 """
 from __future__ import annotations
 
@@ -93,13 +94,14 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--skip-resnet", action="store_true")
+    parser.add_argument("--skip-modules", action="store_true", help="only the ResNet-50 table")
+    parser.add_argument("--skip-resnet", action="store_true", help="only the module tables")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"{machine_name(torch.device('cpu'))}, {torch.get_num_threads()} torch threads")
-    for shape in [(args.batch, 256, 56, 56), (args.batch, 2048, 7, 7)]:
+    for shape in [] if args.skip_modules else [(args.batch, 256, 56, 56), (args.batch, 2048, 7, 7)]:
         module_table(shape, args.repeats)
     if not args.skip_resnet:
         resnet50_table(args.resnet_batch, args.img_size, args.repeats)

@@ -187,7 +187,9 @@ def apply_stage_kwargs(
     stages = [name for name, _ in feature_stages(model)]
     _check_stage_count(per_stage, stages, model_name)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    stage_ends = [max(i for name, i in order.items() if name == stage or name.startswith(stage + ".")) for stage in stages]
+    stage_ends = [
+        max(i for name, i in order.items() if name == stage or name.startswith(stage + ".")) for stage in stages
+    ]
     for path, channels in placed:
         index = next((i for i, end in enumerate(stage_ends) if order[path] <= end), len(stages) - 1)
         model.set_submodule(path, factory(channels, **_stage_kwargs(per_stage, index)))

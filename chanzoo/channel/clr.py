@@ -80,7 +80,9 @@ def reprogram(
         raise ValueError(f"{type(model).__name__} is already reprogrammed (it holds CLRConv2d layers)")
     if num_classes is not None:
         if not hasattr(model, "reset_classifier"):
-            raise TypeError(f"num_classes={num_classes} needs a model with reset_classifier, not {type(model).__name__}")
+            raise TypeError(
+                f"num_classes={num_classes} needs a model with reset_classifier, not {type(model).__name__}"
+            )
         model.reset_classifier(num_classes)
     head = _classifier(model)
     head_modules = set(head.modules()) if head is not None else set()
@@ -162,7 +164,8 @@ def load_task(model: nn.Module, path: PathLike) -> nn.Module:
         )
     head = _head_name(model)
     head_key = f"{head}.weight" if head and f"{head}.weight" in expected else None
-    if head_key is not None and state[head_key].shape != expected[head_key].shape and hasattr(model, "reset_classifier"):
+    head_resized = head_key is not None and state[head_key].shape != expected[head_key].shape
+    if head_resized and hasattr(model, "reset_classifier"):
         model.reset_classifier(int(state[head_key].shape[0]))
         model.get_classifier().requires_grad_(True)
         expected = task_state_dict(model)
