@@ -71,8 +71,8 @@ class ValidSSIM(Metric):
             data_range=self.data_range, reduction="none", return_full_image=True,
         )
         per_image = full[..., pad:-pad, pad:-pad].flatten(1).mean(1)
-        self.total += per_image.double().sum()
-        self.count += per_image.numel()
+        self.total = self.total + per_image.double().sum()
+        self.count = self.count + per_image.numel()
 
     def compute(self) -> torch.Tensor:
         return (self.total / self.count).float()
