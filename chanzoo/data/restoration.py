@@ -48,7 +48,7 @@ SKIMAGE_PREFIX = "skimage:"
 
 def _to_tensor(image: np.ndarray) -> torch.Tensor:
     """HWC uint8 RGB -> CHW float in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(np.array(image, order="C")).permute(2, 0, 1).float().div_(255.0)  # a writable copy
 
 
 def _rgb(array: np.ndarray, source: str) -> np.ndarray:
