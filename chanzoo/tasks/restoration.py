@@ -100,7 +100,8 @@ class RestorationTask(TimmOptimMixin, L.LightningModule):
     Args:
         model: network mapping a (B, C, H, W) image in [0, 1] to (B, C, scale*H, scale*W).
         optim, sched: the ``optim`` and ``sched`` config groups (see ``chanzoo.tasks.optim``).
-        crop_border: pixels cut from each side before the metrics; ``None``: the model's scale (SR convention).
+        crop_border: pixels cut from each side before the metrics; ``None``: the model's scale for super-resolution
+            (the SR convention), 0 for same-size restoration.
         aux_loss: an extra loss module ``aux_loss(output, target)``; ``aux_loss_weight`` scales it.
         quantize_output: round outputs to 8 bits before the metrics (as the papers do with saved images).
         tile, tile_overlap: evaluate large images in overlapping tiles of ``tile`` input pixels.
@@ -127,7 +128,7 @@ class RestorationTask(TimmOptimMixin, L.LightningModule):
         self.scale = int(getattr(model, "upscale", getattr(model, "scale", 1)))
         if crop_border is not None and (not isinstance(crop_border, int) or crop_border < 0):
             raise ValueError(f"crop_border must be a non-negative int or null (the model's scale), got {crop_border!r}")
-        self.crop_border = self.scale if crop_border is None else crop_border
+        self.crop_border = (self.scale if self.scale > 1 else 0) if crop_border is None else crop_border
         if aux_loss_weight < 0:
             raise ValueError(f"aux_loss_weight must be >= 0, got {aux_loss_weight}")
         if aux_loss_weight > 0 and aux_loss is None:
