@@ -6,7 +6,6 @@ import math
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from skimage import data
 
 import chanzoo
