@@ -262,6 +262,7 @@ def create_model(
         kwargs["num_classes"] = num_classes
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
+    family = _model_module(model_name)
     if pretrained_file is not None or pretrained:
         overlay = kwargs.get("pretrained_cfg_overlay")
         kwargs["pretrained_cfg_overlay"] = (
@@ -269,7 +270,7 @@ def create_model(
             if pretrained_file is not None
             else hub.resolve_pretrained_overlay(model_name, overlay)
         )
-        filter_fn = hub.checkpoint_filter_for(_model_module(model_name))
+        filter_fn = hub.checkpoint_filter_for(family)
         if filter_fn is not None:
             kwargs.setdefault("pretrained_filter_fn", filter_fn)
         pretrained = True
@@ -280,7 +281,6 @@ def create_model(
     if base_factory is None and attn_kwargs:
         raise ValueError(f"attn_kwargs={attn_kwargs!r} given without a channel module (attn={attn!r})")
 
-    family = _model_module(model_name)
     slot = _NATIVE_SLOTS.get(family)
     use_native = factory is not None and slot is not None and attn_position in ("auto", "native")
     if factory is not None and attn_position == "native" and slot is None:

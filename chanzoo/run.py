@@ -49,9 +49,9 @@ def build_model(model_cfg: DictConfig | dict) -> nn.Module:
 def check_channels(model: nn.Module, datamodule: L.LightningDataModule, data_name: str) -> None:
     """The model's input channels must equal the data's (a mismatch otherwise fails deep inside the first conv)."""
     model_chans = getattr(model, "in_chans", None)
-    if model_chans is None:
-        model_chans = getattr(getattr(model, "pretrained_cfg", {}), "get", lambda *_: None)("input_size")
-        model_chans = model_chans[0] if model_chans else None
+    if model_chans is None:  # the built first conv, not the pretrained cfg's input_size (weights' default, not ours)
+        first_conv = getattr(model, "pretrained_cfg", {}).get("first_conv")
+        model_chans = getattr(model.get_submodule(first_conv), "in_channels", None) if isinstance(first_conv, str) else None
     data_chans = getattr(datamodule, "in_chans", None)
     if model_chans is not None and data_chans is not None and int(model_chans) != int(data_chans):
         raise ValueError(
@@ -85,8 +85,8 @@ def resolve_resume(resume: Optional[str], runs_dir: Path) -> Optional[str]:
 
 
 def _trainer(cfg: DictConfig, out_dir: Path, callbacks: list[L.Callback], logger: Any = None) -> L.Trainer:
-    if cfg.get("deterministic"):
-        torch.use_deterministic_algorithms(True)
+    """Lightning's Trainer from the ``trainer`` group; ``deterministic=true`` makes it turn on torch's
+    deterministic algorithms."""
     return instantiate(
         cfg.trainer,
         callbacks=callbacks,

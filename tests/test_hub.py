@@ -50,7 +50,7 @@ class _Server:
                 self._answer(body=False)
 
             def log_message(self, *args: object) -> None:
-                pass
+                """Keep the test output free of the server's per-request log lines."""
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
