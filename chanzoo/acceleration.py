@@ -16,7 +16,6 @@ from torch import nn
 _logger = logging.getLogger(__name__)
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-REGIONAL_CHOICES = ("auto", True, False)
 
 # What 'auto' turns on for a model family (its timm module) on CPU, decided by
 # ``python benchmarks/acceleration.py`` at batch 8, 224x224, fp32, inference (figures in docs/benchmarks.md).

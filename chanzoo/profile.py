@@ -42,8 +42,8 @@ FLOP_DIFF_NOTE = 0.01  # relative FlopCounterMode/fvcore difference above which 
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
-    """(total, trainable) parameter counts; shared parameters count once."""
-    params = {id(p): p for p in model.parameters()}.values()
+    """(total, trainable) parameter counts; shared parameters count once (``parameters()`` yields each once)."""
+    params = list(model.parameters())
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
@@ -172,14 +172,6 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float:
         done.set()
         sampler.join()
     return max(0, max(peak[0], _rss_bytes()) - base) / 2**20
-
-
-def gemm_flops_per_s(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
-    """fp32 FLOP/s of a square ``size`` matmul on ``device``: the machine's practical GEMM peak."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    timing = time_interleaved({"gemm": lambda: torch.mm(a, b)}, device, warmup=2, repeats=repeats)["gemm"]
-    return 2 * size**3 / timing.median
 
 
 def machine_name(device: torch.device) -> str:

@@ -21,7 +21,6 @@ official weights give the official outputs. Images of any size divisible by the 
 """
 from __future__ import annotations
 
-import logging
 from functools import partial
 from typing import Any, Optional, Union
 
@@ -38,7 +37,6 @@ from chanzoo.hub import generate_default_cfgs
 
 __all__ = ["ChannelVisionTransformer", "PatchEmbedPerChannel", "checkpoint_filter_fn"]
 
-_logger = logging.getLogger(__name__)
 
 
 class PatchEmbedPerChannel(nn.Module):
@@ -149,9 +147,6 @@ class ChannelVisionTransformer(nn.Module):
                 trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

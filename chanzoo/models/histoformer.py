@@ -30,9 +30,8 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, register_model
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from chanzoo.hub import generate_default_cfgs
@@ -285,7 +284,6 @@ class Histoformer(nn.Module):
         self.num_classes = 0
         self.in_chans = in_chans
         self.scale = 1
-        self.dim = dim
         self.num_features = dim * 2
         self.grad_checkpointing = False
 

@@ -16,12 +16,13 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from timm.layers import ClassifierHead, DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, register_model
 from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
 from chanzoo.channel.registry import ChannelModuleSpec, get_channel_module
+from chanzoo.hub import generate_default_cfgs
 from chanzoo.ops.cross_scan import NUM_DIRECTIONS, cross_merge, cross_scan
 from chanzoo.ops.selective_scan import selective_scan
 
@@ -37,7 +38,7 @@ class _S6Params(nn.Module):
 
     def __init__(self, directions: int, inner: int, d_state: int, dt_rank: int) -> None:
         super().__init__()
-        self.directions, self.inner, self.d_state, self.dt_rank = directions, inner, d_state, dt_rank
+        self.d_state, self.dt_rank = d_state, dt_rank
         bound = inner**-0.5
         self.x_proj_weight = nn.Parameter(torch.empty(directions, dt_rank + 2 * d_state, inner).uniform_(-bound, bound))
         dt_bound = dt_rank**-0.5

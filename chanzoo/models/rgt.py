@@ -149,9 +149,13 @@ class WindowAttention(nn.Module):
 
 
 @functools.lru_cache(maxsize=32)
-def _shift_mask(height: int, width: int, window_h: int, window_w: int, shift_h: int, shift_w: int) -> torch.Tensor:
-    """Swin-style mask (-100 between tokens from different regions) for cyclically shifted windows; (windows, N, N)."""
-    regions = torch.zeros(height, width)
+def _shift_mask(
+    height: int, width: int, window_h: int, window_w: int, shift_h: int, shift_w: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """Swin-style mask (-100 between tokens from different regions) for cyclically shifted windows; (windows, N, N).
+
+    Built once per size and device (cached), so no forward copies it between host and device."""
+    regions = torch.zeros(height, width, device=device)
     label = 0
     for hs in (slice(0, -window_h), slice(-window_h, -shift_h), slice(-shift_h, None)):
         for ws in (slice(0, -window_w), slice(-window_w, -shift_w), slice(-shift_w, None)):
@@ -212,8 +216,8 @@ class L_SA(nn.Module):
         if self.shifted:
             qkv0 = torch.roll(qkv[..., :half], shifts=(-sh, -sw), dims=(2, 3)).reshape(3, batch, ph * pw, half)
             qkv1 = torch.roll(qkv[..., half:], shifts=(-sw, -sh), dims=(2, 3)).reshape(3, batch, ph * pw, half)
-            mask0 = _shift_mask(ph, pw, short, long, sh, sw).to(x.device)
-            mask1 = _shift_mask(ph, pw, long, short, sw, sh).to(x.device)
+            mask0 = _shift_mask(ph, pw, short, long, sh, sw, x.device)
+            mask1 = _shift_mask(ph, pw, long, short, sw, sh, x.device)
             x0 = torch.roll(self.attns[0](qkv0, ph, pw, mask0), shifts=(sh, sw), dims=(1, 2))
             x1 = torch.roll(self.attns[1](qkv1, ph, pw, mask1), shifts=(sw, sh), dims=(1, 2))
         else:
@@ -477,9 +481,6 @@ class RGT(nn.Module):
             trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

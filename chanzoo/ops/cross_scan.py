@@ -31,7 +31,6 @@ def _check(x: torch.Tensor, ndim: int, name: str, layout: str) -> None:
 def cross_scan(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, 4, C, H*W): the four scan orders of the feature map, stacked."""
     _check(x, 4, "cross_scan", "(B, C, H, W)")
-    batch, channels, height, width = x.shape
     rows = x.flatten(2)  # 0: row-major from the top-left
     cols = x.flip(-1).transpose(-1, -2).flatten(2)  # 2: column-major from the top-right
     return torch.stack([rows, rows.flip(-1), cols, cols.flip(-1)], dim=1)

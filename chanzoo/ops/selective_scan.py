@@ -27,6 +27,7 @@ take the exponential of a growing positive sum.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -309,6 +310,7 @@ def _scan_cpp(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
 # Dispatch.
 
 
+@functools.cache  # a failed import is not remembered by Python: look once, not on every call
 def _mamba_ssm_fn():
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -375,8 +377,7 @@ def selective_scan(
     ``backend='auto'`` picks mamba_ssm's CUDA kernel for CUDA tensors when installed, the C++ kernel on the CPU,
     else the eager path, and logs the choice once. Computation is in float32; the result has ``u``'s dtype.
     """
-    groups = _check(u, delta, A, B, C, D, z, delta_bias)
-    del groups
+    _check(u, delta, A, B, C, D, z, delta_bias)
     path = _resolve(backend, u)
     if path == "reference":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
