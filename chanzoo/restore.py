@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from chanzoo.data.restoration import IMAGE_SUFFIXES, load_image
+from chanzoo.data.restoration import IMAGE_SUFFIXES, image_to_tensor, load_image, model_scale
 from chanzoo.ops.tiling import tiled_forward
 
 _logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def restore_image(
     progress: Optional[Any] = None,
 ) -> np.ndarray:
     """Run ``model`` on an RGB uint8 HWC image and return the restored RGB uint8 image (``scale`` x larger)."""
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255.0).to(device)
+    x = image_to_tensor(image)[None].to(device)
     if tile is not None:
         y = tiled_forward(model, x, tile, tile_overlap, scale, progress=progress)
     else:
@@ -73,7 +73,7 @@ def restore(cfg: Any) -> list[Path]:
     pairs = plan_files(str(cfg.input), str(cfg.output))
     device = _device(str(cfg.device))
     model = build_model(cfg.model).eval().to(device)
-    scale = int(getattr(model, "upscale", getattr(model, "scale", 1)))
+    scale = model_scale(model)
     tile = cfg.get("tile")
     written = []
     bar = tqdm(pairs, desc="images", unit="img", disable=not cfg.get("progress", True))

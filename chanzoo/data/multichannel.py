@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from chanzoo.data.base import ClassificationDataModule
 from chanzoo.data.channel_sampling import drop_channels, sample_channel_subset
+from chanzoo.data.fashion_mnist import random_shift_flip
 
 __all__ = ["MultiChannelDataModule", "MultiChannelDataset", "load_multichannel", "read_label_csv"]
 
@@ -252,9 +253,9 @@ class MultiChannelDataModule(ClassificationDataModule):
     def on_after_batch_transfer(self, batch: list[torch.Tensor], dataloader_idx: int) -> list[torch.Tensor]:
         images, labels = batch
         if self.trainer is not None and self.trainer.training:
-            if self.hflip:
-                flip = torch.rand(len(images), device=images.device) < 0.5
-                images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+            if self.hflip:  # draws from the generator the training sampler re-seeds every epoch (exact resume)
+                images = random_shift_flip(images, 0, True, self.augment_generator)
             if self.channel_sampling:
-                images = drop_channels(images, sample_channel_subset(images.shape[1], device=images.device))
+                subset = sample_channel_subset(images.shape[1], generator=self.augment_generator)
+                images = drop_channels(images, subset)
         return [images, labels]

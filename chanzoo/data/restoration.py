@@ -46,7 +46,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 SKIMAGE_PREFIX = "skimage:"
 
 
-def _to_tensor(image: np.ndarray) -> torch.Tensor:
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """HWC uint8 RGB -> CHW float in [0, 1]."""
     return torch.from_numpy(np.array(image, order="C")).permute(2, 0, 1).float().div_(255.0)  # a writable copy
 
@@ -185,7 +185,7 @@ class _PatchDataset(Dataset, abc.ABC):
         lq, gt = self._crop(lq, gt, rng, source)
         if self.augment:
             lq, gt = _augment(lq, gt, rng)
-        return _to_tensor(lq), _to_tensor(gt)
+        return image_to_tensor(lq), image_to_tensor(gt)
 
 
 class PairedImageDataset(_PatchDataset):
@@ -286,9 +286,9 @@ class BicubicSRDataset(_PatchDataset):
         return lq, gt  # the HR patch was cut before degradation
 
 
-def _model_scale(model: torch.nn.Module) -> int:
-    scale = getattr(model, "upscale", getattr(model, "scale", 1))
-    return int(scale)
+def model_scale(model: torch.nn.Module) -> int:
+    """A restoration model's output/input size ratio (``upscale`` for SR models, ``scale`` otherwise, else 1)."""
+    return int(getattr(model, "upscale", getattr(model, "scale", 1)))
 
 
 class _RestorationDataModule(ClassificationDataModule):
@@ -324,11 +324,11 @@ class _RestorationDataModule(ClassificationDataModule):
 
     def set_model(self, model: torch.nn.Module) -> None:
         """Take the scale from the model (``model.upscale``) unless ``scale`` was given; a mismatch is an error."""
-        model_scale = _model_scale(model)
+        scale = model_scale(model)
         if self.scale is None:
-            self.scale = model_scale
-        elif self.scale != model_scale:
-            raise ValueError(f"data scale={self.scale} but the model up-scales x{model_scale}")
+            self.scale = scale
+        elif self.scale != scale:
+            raise ValueError(f"data scale={self.scale} but the model up-scales x{scale}")
 
     def _scale(self) -> int:
         return self.scale if self.scale is not None else 1

@@ -22,6 +22,7 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.functional.image import structural_similarity_index_measure
 from torchmetrics.image import PeakSignalNoiseRatio
 
+from chanzoo.data.restoration import model_scale
 from chanzoo.ops.tiling import tiled_forward
 from chanzoo.tasks.optim import TimmOptimMixin
 
@@ -125,7 +126,7 @@ class RestorationTask(TimmOptimMixin, L.LightningModule):
             raise ValueError(f"restoration needs an image-to-image model (num_classes=0), got num_classes={model.num_classes}")
         self.model = model
         self.optim_cfg, self.sched_cfg = dict(optim), dict(sched)
-        self.scale = int(getattr(model, "upscale", getattr(model, "scale", 1)))
+        self.scale = model_scale(model)
         if crop_border is not None and (not isinstance(crop_border, int) or crop_border < 0):
             raise ValueError(f"crop_border must be a non-negative int or null (the model's scale), got {crop_border!r}")
         self.crop_border = (self.scale if self.scale > 1 else 0) if crop_border is None else crop_border
@@ -175,8 +176,9 @@ class RestorationTask(TimmOptimMixin, L.LightningModule):
         output = quantize(output) if self.quantize_output else output.clamp(0.0, 1.0)
         output, gt = _crop_border(output.float(), self.crop_border), _crop_border(gt.float(), self.crop_border)
         if output.shape[1] == 3:
-            metrics["psnr_y"].update(rgb_to_y(output), rgb_to_y(gt))
-            metrics["ssim_y"].update(rgb_to_y(output), rgb_to_y(gt))
+            y_output, y_gt = rgb_to_y(output), rgb_to_y(gt)
+            metrics["psnr_y"].update(y_output, y_gt)
+            metrics["ssim_y"].update(y_output, y_gt)
         metrics["psnr"].update(output, gt)
         metrics["ssim"].update(output, gt)
 
