@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chanzoo.channel.gating import pooled_channel_gate
 from chanzoo.channel.registry import register_channel_module
 
 
@@ -24,9 +25,12 @@ class EfficientChannelAttention(nn.Module):
     Args:
         channels: input channels C (sets the adaptive kernel size).
         kernel_size: fixed odd kernel size; ``None`` uses the adaptive rule with ``gamma`` and ``beta``.
+        inplace: scale ``x`` in place when no gradient is needed (set by native slots whose block does not read
+            the input again).
     """
 
-    def __init__(self, channels: int, kernel_size: Optional[int] = None, gamma: float = 2, beta: float = 1) -> None:
+    def __init__(self, channels: int, kernel_size: Optional[int] = None, gamma: float = 2, beta: float = 1,
+                 inplace: bool = False) -> None:
         super().__init__()
         if kernel_size is None:
             kernel_size = eca_kernel_size(channels, gamma, beta)
@@ -37,8 +41,11 @@ class EfficientChannelAttention(nn.Module):
             )
         self.kernel_size = kernel_size
         self.conv = nn.Conv1d(1, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.inplace = inplace
+
+    def channel_gate(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, C) pooled features -> (B, C) gate: a 1-D conv across the channel axis."""
+        return torch.sigmoid(F.conv1d(pooled[:, None], self.conv.weight, padding=self.kernel_size // 2))[:, 0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = x.mean((2, 3)).unsqueeze(1)  # (B, 1, C)
-        gate = torch.sigmoid(F.conv1d(pooled, self.conv.weight, padding=self.kernel_size // 2))
-        return x * gate.view(x.shape[0], -1, 1, 1)
+        return pooled_channel_gate(x, self.channel_gate, [self.conv.weight], self.inplace)

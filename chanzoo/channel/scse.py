@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from chanzoo.channel.gating import pooled_channel_gate
 from chanzoo.channel.registry import register_channel_module
 
 SCSE_AGGREGATIONS = ("max", "add", "mul")
@@ -22,18 +23,24 @@ class ChannelSqueezeExcite(nn.Module):
     Args:
         channels: input channels C (>= reduction).
         reduction: C / hidden width.
+        inplace: scale ``x`` in place when no gradient is needed (set by native slots whose block does not read
+            the input again).
     """
 
-    def __init__(self, channels: int, reduction: int = 2) -> None:
+    def __init__(self, channels: int, reduction: int = 2, inplace: bool = False) -> None:
         super().__init__()
         if not isinstance(reduction, int) or reduction < 1 or channels // reduction < 1:
             raise ValueError(f"cSE needs channels >= reduction >= 1, got channels={channels}, reduction={reduction!r}")
         self.fc1 = nn.Linear(channels, channels // reduction)
         self.fc2 = nn.Linear(channels // reduction, channels)
+        self.inplace = inplace
+
+    def channel_gate(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, C) pooled features -> (B, C) gate."""
+        return torch.sigmoid(self.fc2(torch.relu(self.fc1(pooled))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3))))))
-        return x * gate[:, :, None, None]
+        return pooled_channel_gate(x, self.channel_gate, list(self.parameters()), self.inplace)
 
 
 @register_channel_module("sse")

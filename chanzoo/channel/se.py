@@ -7,6 +7,7 @@ import torch
 from timm.layers import get_act_layer
 from torch import nn
 
+from chanzoo.channel.gating import pooled_channel_gate
 from chanzoo.channel.registry import register_channel_module
 
 
@@ -21,6 +22,8 @@ class SqueezeExcite(nn.Module):
         rd_channels: explicit hidden width; overrides both.
         act_layer: activation between the two FC layers (name or class).
         gate_layer: gating function (name or class), sigmoid in the paper.
+        inplace: scale ``x`` in place when no gradient is needed (set by native slots whose block does not read
+            the input again).
     """
 
     def __init__(
@@ -31,6 +34,7 @@ class SqueezeExcite(nn.Module):
         rd_channels: Optional[int] = None,
         act_layer: str | type[nn.Module] = "relu",
         gate_layer: str | type[nn.Module] = "sigmoid",
+        inplace: bool = False,
     ) -> None:
         super().__init__()
         if rd_channels is None:
@@ -42,8 +46,11 @@ class SqueezeExcite(nn.Module):
         self.act = get_act_layer(act_layer)(inplace=True) if isinstance(act_layer, str) else act_layer()
         self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=True)
         self.gate = get_act_layer(gate_layer)() if isinstance(gate_layer, str) else gate_layer()
+        self.inplace = inplace
+
+    def channel_gate(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, C) pooled features -> (B, C) gate."""
+        return self.gate(self.fc2(self.act(self.fc1(pooled[:, :, None, None])))).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = x.mean((2, 3), keepdim=True)
-        scale = self.fc2(self.act(self.fc1(scale)))
-        return x * self.gate(scale)
+        return pooled_channel_gate(x, self.channel_gate, list(self.parameters()), self.inplace)

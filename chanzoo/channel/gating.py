@@ -1,0 +1,72 @@
+"""``x * gate(mean_HW(x))``: the pooled channel gating of SE, ECA and cSE, with a fused backward.
+
+Eager PyTorch runs these modules as a handful of passes over the full (B, C, H, W) map: the pooling, the
+multiply, and in the backward a full-size ``grad * x`` temporary, its reduction, the multiply by the gate and the
+pooling's broadcast gradient added on top. ``pooled_channel_gate`` cuts that to what the arithmetic needs:
+
+- training (eager, gradients needed): an autograd function whose backward reads ``grad`` and ``x`` once for the
+  gate's gradient and writes the input gradient in one ``addcmul`` (the pooling gradient folded in); the small
+  gate network (``gate_fn`` on the (B, C) pooled vector) is re-run under autograd to get its own gradients;
+- inference with ``inplace=True``: the gate is applied in place, no new full-size tensor;
+- under ``torch.compile`` or autocast: the plain expression (the compiler fuses it itself; autocast picks dtypes
+  op by op).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch.autograd.function import once_differentiable
+
+GateFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class _PooledGate(torch.autograd.Function):
+    """``x * gate_fn(x.mean((2, 3)))[..., None, None]`` with a fused backward (``params``: gate_fn's tensors)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gate_fn: GateFn, *params: torch.Tensor) -> torch.Tensor:
+        pooled = x.mean((2, 3))
+        gate = gate_fn(pooled)
+        ctx.gate_fn = gate_fn
+        ctx.save_for_backward(x, pooled, gate, *params)
+        return x * gate[:, :, None, None]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, pooled, gate, *params = ctx.saved_tensors
+        grad_gate = (grad_out * x).sum((2, 3))
+        with torch.enable_grad():
+            pooled = pooled.detach().requires_grad_()
+            wanted = [i for i, p in enumerate(params) if ctx.needs_input_grad[2 + i]]
+            grads = torch.autograd.grad(ctx.gate_fn(pooled), [pooled] + [params[i] for i in wanted], grad_gate)
+        param_grads: list[torch.Tensor | None] = [None] * len(params)
+        for i, grad in zip(wanted, grads[1:]):
+            param_grads[i] = grad
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            pooled_grad = grads[0] / (x.shape[2] * x.shape[3])
+            grad_x = torch.addcmul(pooled_grad[:, :, None, None], grad_out, gate[:, :, None, None])
+        return (grad_x, None, *param_grads)
+
+
+def pooled_channel_gate(
+    x: torch.Tensor, gate_fn: GateFn, params: Sequence[torch.Tensor], inplace: bool = False
+) -> torch.Tensor:
+    """``x * gate_fn(x.mean((2, 3)))`` broadcast over H and W.
+
+    Args:
+        x: (B, C, H, W) features, any memory format.
+        gate_fn: maps the pooled (B, C) vector to the (B, C) gate; it may only use ``params`` as weights.
+        params: every tensor ``gate_fn`` reads that may need a gradient (the module's parameters).
+        inplace: write the result into ``x`` when no gradient is needed (inference); ignored otherwise. Only for
+            callers that do not read ``x`` again, like the attention slot of a ResNet block.
+    """
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    if needs_grad and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type):
+        return _PooledGate.apply(x, gate_fn, *params)
+    gate = gate_fn(x.mean((2, 3)))[:, :, None, None]
+    if inplace and not needs_grad:
+        return x.mul_(gate)
+    return x * gate
