@@ -10,7 +10,7 @@ from torch import nn
 
 from chanzoo import hub
 from chanzoo._names import unknown_name_error
-from chanzoo.channel.registry import ChannelModuleSpec, accepted_kwargs, get_channel_module
+from chanzoo.channel.registry import ChannelModuleSpec, accepted_kwargs, get_channel_module, names_kwarg
 
 _logger = logging.getLogger(__name__)
 
@@ -19,6 +19,7 @@ AttnFactory = Callable[..., nn.Module]
 AttnPlacer = Callable[[nn.Module, AttnFactory], list[tuple[str, int]]]
 _NATIVE_SLOTS: dict[str, Union[Callable[[AttnFactory], dict[str, Any]], AttnPlacer]] = {}
 _SLOT_IS_PLACER: dict[str, bool] = {}
+_SLOT_INPLACE_SAFE: set[str] = set()
 ATTN_POSITIONS = ("auto", "native", "stage")
 
 
@@ -27,17 +28,22 @@ def register_attn_slot(
     kwargs_for: Optional[Callable[[AttnFactory], dict[str, Any]]] = None,
     *,
     place: Optional[AttnPlacer] = None,
+    inplace_safe: bool = False,
 ) -> None:
     """Declare the native channel-module slot of the models of ``timm_module``.
 
     Give exactly one of ``kwargs_for`` (the model kwargs that pass a factory in at construction, e.g. ResNet's
     ``block_args.attn_layer``) or ``place`` (a function that puts modules into the built model, for families whose
-    entry points already pass their own attention layer, e.g. MobileNetV3's ``se_layer``).
+    entry points already pass their own attention layer, e.g. MobileNetV3's ``se_layer``). ``inplace_safe``: the
+    family's blocks never read the slot's input again, so modules taking an ``inplace`` argument (SE, ECA, cSE)
+    get ``inplace=True`` and scale the features in place at inference.
     """
     if (kwargs_for is None) == (place is None):
         raise TypeError(f"register_attn_slot({timm_module!r}) takes exactly one of kwargs_for and place")
     _NATIVE_SLOTS[timm_module] = kwargs_for if place is None else place
     _SLOT_IS_PLACER[timm_module] = place is not None
+    if inplace_safe:
+        _SLOT_INPLACE_SAFE.add(timm_module)
 
 
 def _se_slot_channels(block: nn.Module) -> int:
@@ -71,9 +77,10 @@ def place_in_se_slots(model: nn.Module, factory: AttnFactory) -> list[tuple[str,
     return placed
 
 
-register_attn_slot("resnet", lambda factory: {"block_args": {"attn_layer": factory}})
-register_attn_slot("efficientnet", place=place_in_se_slots)
-register_attn_slot("mobilenetv3", place=place_in_se_slots)
+# In these families the slot's input is a fresh BatchNorm/conv output that the block does not read again.
+register_attn_slot("resnet", lambda factory: {"block_args": {"attn_layer": factory}}, inplace_safe=True)
+register_attn_slot("efficientnet", place=place_in_se_slots, inplace_safe=True)
+register_attn_slot("mobilenetv3", place=place_in_se_slots, inplace_safe=True)
 
 
 def list_models(pattern: str | Sequence[str] = "", pretrained: bool = False, **kwargs: Any) -> list[str]:
@@ -277,12 +284,14 @@ def create_model(
 
     base_factory = get_channel_module(attn)
     shared_kwargs, per_stage = split_stage_kwargs(dict(attn_kwargs or {}))
-    factory = None if base_factory is None else _bind(base_factory, shared_kwargs)
     if base_factory is None and attn_kwargs:
         raise ValueError(f"attn_kwargs={attn_kwargs!r} given without a channel module (attn={attn!r})")
 
     slot = _NATIVE_SLOTS.get(family)
-    use_native = factory is not None and slot is not None and attn_position in ("auto", "native")
+    use_native = base_factory is not None and slot is not None and attn_position in ("auto", "native")
+    if use_native and family in _SLOT_INPLACE_SAFE and names_kwarg(base_factory, "inplace"):
+        shared_kwargs = {"inplace": True, **shared_kwargs}
+    factory = None if base_factory is None else _bind(base_factory, shared_kwargs)
     if factory is not None and attn_position == "native" and slot is None:
         raise ValueError(
             f"model {model_name!r} has no native channel-attention slot (families with one: "

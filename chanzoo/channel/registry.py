@@ -70,6 +70,14 @@ def create_channel_module(name: ChannelModuleSpec, channels: int, **kwargs: Any)
     return factory(channels, **kwargs)
 
 
+def names_kwarg(factory: Callable[..., nn.Module], name: str) -> bool:
+    """Whether ``factory`` (or the class behind it) has a parameter called ``name`` (``**kwargs`` does not count)."""
+    try:
+        return name in inspect.signature(getattr(factory, "module_class", factory)).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def accepted_kwargs(factory: Callable[..., nn.Module], kwargs: dict[str, Any]) -> dict[str, Any]:
     """The subset of ``kwargs`` that ``factory`` (or the class behind it) takes by name."""
     target = getattr(factory, "module_class", factory)
