@@ -10,7 +10,7 @@ All candidates of one table are timed in turn (A, B, C, A, B, C, ...; ``chanzoo.
 from other processes falls on all of them alike; figures are medians.
 
     python benchmarks/channel_modules.py [--batch 32] [--img-size 224] [--repeats 10] [--threads N]
-        [--skip-modules | --skip-resnet]
+        [--skip-modules | --skip-resnet] [--modules se eca ...]
 """
 from __future__ import annotations
 
@@ -49,11 +49,11 @@ def fwd_bwd(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def module_table(shape: tuple[int, int, int, int], repeats: int) -> None:
+def module_table(shape: tuple[int, int, int, int], repeats: int, names: list[str]) -> None:
     channels = shape[1]
     x = torch.randn(shape, requires_grad=True)  # timing only: values do not change the work done
     fns, pairs = {}, []
-    for name in MODULES:
+    for name in names:
         ours = chanzoo.create_channel_module(name, channels)
         fns[name] = fwd_bwd(ours, x)
         theirs = timm_equivalent(name, ours, channels)
@@ -63,7 +63,7 @@ def module_table(shape: tuple[int, int, int, int], repeats: int) -> None:
     timings = time_interleaved(fns, torch.device("cpu"), warmup=1, repeats=repeats)
     print(f"\nforward+backward on {tuple(shape)}, median of {repeats} (IQR %)")
     print(f"{'module':<8} {'ours ms':>10} {'timm ms':>10} {'ours vs timm':>13}")
-    for name in MODULES:
+    for name in names:
         ours_t = timings[name]
         line = f"{name:<8} {1e3 * ours_t.median:>10.2f}"
         if name in pairs:
@@ -72,10 +72,10 @@ def module_table(shape: tuple[int, int, int, int], repeats: int) -> None:
         print(line + f"   (IQR {ours_t.spread_pct:.0f}%)")
 
 
-def resnet50_table(batch: int, img_size: int, repeats: int) -> None:
+def resnet50_table(batch: int, img_size: int, repeats: int, names: list[str]) -> None:
     x = torch.randn(batch, 3, img_size, img_size)
     models = {"plain": chanzoo.create_model("resnet50").eval()}
-    models.update({name: chanzoo.create_model("resnet50", attn=name).eval() for name in MODULES})
+    models.update({name: chanzoo.create_model("resnet50", attn=name).eval() for name in names})
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
     with torch.no_grad():
         timings = time_interleaved({n: (lambda m=m: m(x)) for n, m in models.items()}, torch.device("cpu"),
@@ -96,15 +96,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--skip-modules", action="store_true", help="only the ResNet-50 table")
     parser.add_argument("--skip-resnet", action="store_true", help="only the module tables")
+    parser.add_argument("--modules", nargs="+", default=MODULES, choices=MODULES, metavar="NAME",
+                        help=f"modules to time (default: all of {' '.join(MODULES)})")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"{machine_name(torch.device('cpu'))}, {torch.get_num_threads()} torch threads")
     for shape in [] if args.skip_modules else [(args.batch, 256, 56, 56), (args.batch, 2048, 7, 7)]:
-        module_table(shape, args.repeats)
+        module_table(shape, args.repeats, args.modules)
     if not args.skip_resnet:
-        resnet50_table(args.resnet_batch, args.img_size, args.repeats)
+        resnet50_table(args.resnet_batch, args.img_size, args.repeats, args.modules)
 
 
 if __name__ == "__main__":
