@@ -4,13 +4,14 @@
    equivalent beside ours where timm has one (SE: ``SEModule`` with the same hidden width; ECA: ``EcaModule`` with
    the same kernel; ELA-B: ``EfficientLocalAttn`` with kernel 7, GroupNorm(16) and no activation, i.e. the same
    function with separate H/W convs).
-2. ResNet-50 end-to-end inference throughput with each module in its native slot, relative to plain ResNet-50.
+2. ResNet-50 end-to-end inference (or, with ``--resnet-train``, forward+backward) throughput with each module in its
+   native slot, relative to plain ResNet-50.
 
 All candidates of one table are timed in turn (A, B, C, A, B, C, ...; ``chanzoo.profile.time_interleaved``), so load
 from other processes falls on all of them alike; figures are medians.
 
     python benchmarks/channel_modules.py [--batch 32] [--img-size 224] [--repeats 10] [--threads N]
-        [--skip-modules | --skip-resnet] [--modules se eca ...]
+        [--skip-modules | --skip-resnet] [--resnet-train] [--modules se eca ...]
 """
 from __future__ import annotations
 
@@ -49,6 +50,16 @@ def fwd_bwd(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
+def inference(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    model.eval()
+
+    @torch.no_grad()
+    def step() -> None:
+        model(x)
+
+    return step
+
+
 def module_table(shape: tuple[int, int, int, int], repeats: int, names: list[str]) -> None:
     channels = shape[1]
     x = torch.randn(shape, requires_grad=True)  # timing only: values do not change the work done
@@ -72,16 +83,19 @@ def module_table(shape: tuple[int, int, int, int], repeats: int, names: list[str
         print(line + f"   (IQR {ours_t.spread_pct:.0f}%)")
 
 
-def resnet50_table(batch: int, img_size: int, repeats: int, names: list[str]) -> None:
+def resnet50_table(batch: int, img_size: int, repeats: int, names: list[str], train: bool) -> None:
     x = torch.randn(batch, 3, img_size, img_size)
-    models = {"plain": chanzoo.create_model("resnet50").eval()}
-    models.update({name: chanzoo.create_model("resnet50", attn=name).eval() for name in names})
+    models = {"plain": chanzoo.create_model("resnet50")}
+    models.update({name: chanzoo.create_model("resnet50", attn=name) for name in names})
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
-    with torch.no_grad():
-        timings = time_interleaved({n: (lambda m=m: m(x)) for n, m in models.items()}, torch.device("cpu"),
-                                   warmup=1, repeats=repeats)
+    if train:  # forward + backward in training mode (batch statistics), as one optimisation step computes it
+        fns = {n: fwd_bwd(m.train(), x) for n, m in models.items()}
+    else:
+        fns = {n: inference(m, x) for n, m in models.items()}
+    timings = time_interleaved(fns, torch.device("cpu"), warmup=1, repeats=repeats)
     base = timings["plain"].median
-    print(f"\nResNet-50 inference, batch {batch} at {img_size}x{img_size}, median of {repeats}")
+    mode = "forward+backward (train mode)" if train else "inference"
+    print(f"\nResNet-50 {mode}, batch {batch} at {img_size}x{img_size}, median of {repeats}")
     print(f"{'module':<8} {'params':>12} {'img/s':>8} {'vs plain':>9}")
     for name, t in timings.items():
         print(f"{name:<8} {params[name] - params['plain']:>+12,d} {batch / t.median:>8.2f} {base / t.median:>8.3f}x")
@@ -95,6 +109,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--skip-modules", action="store_true", help="only the ResNet-50 table")
+    parser.add_argument("--resnet-train", action="store_true", help="time ResNet-50 forward+backward, not inference")
     parser.add_argument("--skip-resnet", action="store_true", help="only the module tables")
     parser.add_argument("--modules", nargs="+", default=MODULES, choices=MODULES, metavar="NAME",
                         help=f"modules to time (default: all of {' '.join(MODULES)})")
@@ -106,7 +121,7 @@ def main() -> None:
     for shape in [] if args.skip_modules else [(args.batch, 256, 56, 56), (args.batch, 2048, 7, 7)]:
         module_table(shape, args.repeats, args.modules)
     if not args.skip_resnet:
-        resnet50_table(args.resnet_batch, args.img_size, args.repeats, args.modules)
+        resnet50_table(args.resnet_batch, args.img_size, args.repeats, args.modules, args.resnet_train)
 
 
 if __name__ == "__main__":
