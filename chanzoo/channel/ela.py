@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from chanzoo.channel.gating import needs_grad
 from chanzoo.channel.registry import register_channel_module
 
 # The paper's variants: (kernel size, input channels per conv group (None: depthwise), GroupNorm groups).
@@ -34,6 +35,8 @@ class EfficientLocalAttention(nn.Module):
         kernel_size: odd Conv1d kernel size, overriding the variant's.
         group_channels: input channels per conv group (``None``: depthwise), overriding the variant's.
         num_groups: GroupNorm groups, overriding the variant's.
+        inplace: scale ``x`` in place when no gradient is needed (set by native slots whose block does not read
+            the input again).
     """
 
     def __init__(
@@ -43,6 +46,7 @@ class EfficientLocalAttention(nn.Module):
         kernel_size: int | None = None,
         group_channels: int | None = None,
         num_groups: int | None = None,
+        inplace: bool = False,
     ) -> None:
         super().__init__()
         if variant not in ELA_VARIANTS:
@@ -66,6 +70,7 @@ class EfficientLocalAttention(nn.Module):
         self.variant = variant
         self.con1 = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2, groups=conv_groups, bias=False)
         self.GN = nn.GroupNorm(num_groups, channels)
+        self.inplace = inplace
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         strip_h, strip_w = x.mean(3), x.mean(2)  # (B, C, H): one value per row; (B, C, W): one per column
@@ -76,4 +81,6 @@ class EfficientLocalAttention(nn.Module):
         else:
             a_h = torch.sigmoid(self.GN(self.con1(strip_h)))
             a_w = torch.sigmoid(self.GN(self.con1(strip_w)))
+        if self.inplace and not needs_grad(x, list(self.parameters())):
+            return x.mul_(a_h.unsqueeze(3)).mul_(a_w.unsqueeze(2))
         return x * a_h.unsqueeze(3) * a_w.unsqueeze(2)

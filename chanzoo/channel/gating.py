@@ -51,6 +51,11 @@ class _PooledGate(torch.autograd.Function):
         return (grad_x, None, *param_grads)
 
 
+def needs_grad(x: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
+    """Whether autograd records a module computing from ``x`` and ``params`` (if not, it may scale ``x`` in place)."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+
+
 def pooled_channel_gate(
     x: torch.Tensor, gate_fn: GateFn, params: Sequence[torch.Tensor], inplace: bool = False
 ) -> torch.Tensor:
@@ -63,10 +68,10 @@ def pooled_channel_gate(
         inplace: write the result into ``x`` when no gradient is needed (inference); ignored otherwise. Only for
             callers that do not read ``x`` again, like the attention slot of a ResNet block.
     """
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-    if needs_grad and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type):
+    recorded = needs_grad(x, params)
+    if recorded and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type):
         return _PooledGate.apply(x, gate_fn, *params)
     gate = gate_fn(x.mean((2, 3)))[:, :, None, None]
-    if inplace and not needs_grad:
+    if inplace and not recorded:
         return x.mul_(gate)
     return x * gate
