@@ -16,8 +16,9 @@ Backends (the scan core ``y_t = <C_t, h_t>``; D, z and the delta transform are s
   the system C++ compiler at first use into torch's extensions cache and registered as the ``chanzoo::`` ops of
   ``torch.library``; CPU float32 only. The default on the CPU.
 - ``eager``: plain PyTorch ops on any device; the sequence is cut into blocks (never the whole (batch, dim, L, N)
-  state tensor at once), each block into chunks scanned in parallel and joined by a short scan over chunk ends.
-  Used where the C++ kernel cannot be built.
+  state tensor at once), each block into chunks scanned in parallel and joined by a short scan over chunk ends. Its
+  hand-written backward recomputes one block's states at a time from the saved block-start states and runs the
+  reverse scan the same way. Used where the C++ kernel cannot be built.
 - ``mamba_ssm``: the fused CUDA kernel of the ``mamba_ssm`` package, used automatically for CUDA tensors when the
   package is installed.
 
@@ -39,7 +40,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 __all__ = ["selective_scan", "selective_scan_ref", "available_backends", "BACKENDS"]
 
@@ -49,7 +50,8 @@ BACKENDS = ("auto", "reference", "eager", "cpp", "mamba_ssm")
 _CSRC = Path(__file__).parent / "csrc" / "selective_scan.cpp"
 _CPP_CHUNK = 64  # steps per saved state in the C++ forward (the backward recomputes one chunk at a time)
 _EAGER_CHUNK = 32  # steps scanned in parallel per chunk by the eager path
-_EAGER_BLOCK = 1024  # steps per block: the eager path holds (batch, dim, block, N) tensors at most
+_EAGER_BLOCK = 128  # steps per block: the eager path holds (batch, dim, block, N) tensors at most
+_LOG2E = 1.4426950408889634  # the eager path takes exp(x) as exp2(x log2 e): torch's exp2 is several times faster
 _lib_lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
 _lib_error: Optional[str] = None
@@ -135,61 +137,151 @@ def selective_scan_ref(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Eager chunked path.
+# Eager chunked path: an autograd.Function whose backward recomputes one block's states and runs the reverse scan.
+#
+# Within a block of S steps (a multiple of the chunk, T steps) tensors are laid out steps-first, (T, nc, b, d, N)
+# with nc = S / T chunks: each scan step reads and writes one contiguous (nc, b, d, N) slab and covers all chunks of
+# the block at once, and a short scan over the chunk ends joins them. B and C stay per group, (T, nc, b, G, 1, N),
+# broadcast over the group's K = d / G channels.
 
 
-def _eager_block(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                 h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scan one block: u, delta (b, d, S); B, C (b, G, N, S); h0 (b, d, N) -> (y (b, d, S), h_end)."""
-    batch, dim, length = u.shape
-    groups, n_state = B.shape[1], A.shape[1]
-    chunk = min(_EAGER_CHUNK, length)
-    n_chunks = -(-length // chunk)
-    pad = n_chunks * chunk - length
-    if pad:  # padded steps neither decay (delta = 0) nor drive the state (u = 0)
-        u, delta, B, C = (F.pad(t, (0, pad)) for t in (u, delta, B, C))
+def _steps_first(t: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(b, d, S) -> contiguous (T, nc, b, d)."""
+    batch, dim, length = t.shape
+    return t.reshape(batch, dim, length // chunk, chunk).permute(3, 2, 0, 1).contiguous()
 
-    def steps_first(t: torch.Tensor) -> torch.Tensor:  # (b, d, S) -> contiguous (T, nc, b, d)
-        return t.reshape(batch, dim, n_chunks, chunk).permute(3, 2, 0, 1).contiguous()
 
-    def expand(t: torch.Tensor) -> torch.Tensor:  # (b, G, N, S) -> contiguous (T, nc, b, d, N)
-        t = t.reshape(batch, groups, 1, n_state, n_chunks, chunk).permute(5, 4, 0, 1, 2, 3)
-        return t.expand(chunk, n_chunks, batch, groups, dim // groups, n_state).reshape(
-            chunk, n_chunks, batch, dim, n_state)
+def _bc_steps_first(t: torch.Tensor, chunk: int) -> torch.Tensor:
+    """B or C (b, G, N, S) -> (T, nc, b, G, 1, N)."""
+    batch, groups, n_state, length = t.shape
+    return t.reshape(batch, groups, n_state, length // chunk, chunk).permute(4, 3, 0, 1, 2).contiguous().unsqueeze(-2)
 
-    delta_k, drive_k = steps_first(delta), steps_first(delta * u)
-    # Decay from the chunk start to step k: exp(A * cumsum(delta)), the exponent is a sum of terms <= 0.
-    prod = torch.exp(delta_k.cumsum(0)[..., None] * A)  # (T, nc, b, d, N), every entry in (0, 1]
-    decay = torch.exp(delta_k[..., None] * A)
-    drive = drive_k[..., None] * expand(B)
-    # Level 1: every chunk from a zero state, all chunks at once; each step reads contiguous (nc, b, d, N) slabs.
-    # (unbind, not indexing: the backward of one unbind is one stack, that of T indexings T full-size zero fills)
-    drives, decays = drive.unbind(0), decay.unbind(0)
-    local = [drives[0]]
-    for k in range(1, chunk):
-        local.append(torch.addcmul(drives[k], decays[k], local[-1]))
-    local_h = torch.stack(local)
-    # Level 2: the state entering each chunk (a short sequential scan over chunk ends).
-    starts = [h0]
-    for end_h, end_prod in zip(local[-1].unbind(0), prod[-1].unbind(0)):
-        starts.append(torch.addcmul(end_h, end_prod, starts[-1]))
-    h = torch.addcmul(local_h, prod, torch.stack(starts[:-1]))
-    y = (h * expand(C)).sum(-1).permute(2, 3, 1, 0).reshape(batch, dim, n_chunks * chunk)
-    return y[..., :length], starts[-1]
+
+def _steps_last(t: torch.Tensor) -> torch.Tensor:
+    """(T, nc, b, ...) -> (b, ..., nc * T): back from a steps-first layout."""
+    chunk, n_chunks = t.shape[:2]
+    return t.movedim((0, 1), (-1, -2)).reshape(*t.shape[2:], n_chunks * chunk)
+
+
+def _scan_block(delta: torch.Tensor, A2: torch.Tensor, h: torch.Tensor,
+                h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """h_t = exp(delta_t A) h_{t-1} + x_t over one block, in place: ``h`` (T, nc, b, d, N) holds x, then the states.
+
+    delta: (T, nc, b, d); A2 = A log2(e), (d, N); h0: (b, d, N), the state before the block. Returns the decays
+    exp(delta A) (T, nc, b, d, N) and the state before each chunk (nc + 1, b, d, N; the last is the block's final
+    state). A first pass rolls each chunk from a zero state to its end, a scan over the chunk ends gives every chunk's
+    true starting state, and a second pass rolls the chunks again from those.
+    """
+    decay = torch.exp2(delta[..., None] * A2)
+    states, decays = h.unbind(0), decay.unbind(0)
+    end = states[0]
+    for k in range(1, len(states)):
+        end = torch.addcmul(states[k], decays[k], end)
+    chunk_decay = torch.exp2(delta.sum(0)[..., None] * A2)  # (nc, b, d, N): exp of A times a sum of deltas >= 0
+    starts = h.new_empty(h.shape[1] + 1, *h0.shape)
+    starts[0] = h0
+    for c, (end_c, decay_c) in enumerate(zip(end.unbind(0), chunk_decay.unbind(0))):
+        torch.addcmul(end_c, decay_c, starts[c], out=starts[c + 1])
+    states[0].addcmul_(decays[0], starts[:-1])
+    for k in range(1, len(states)):
+        states[k].addcmul_(decays[k], states[k - 1])
+    return decay, starts
+
+
+def _reverse_scan_block(delta: torch.Tensor, A2: torch.Tensor, decay: torch.Tensor, g: torch.Tensor,
+                        carry: torch.Tensor) -> torch.Tensor:
+    """dh_t = g_t + exp(delta_{t+1} A) dh_{t+1} over one block, in place: ``g`` (T, nc, b, d, N) holds g, then dh.
+
+    ``carry`` (b, d, N) is exp(delta A) dh at the step after the block (zero after the last); returns the same
+    product at the block's first step, the carry into the previous block. Two passes as in ``_scan_block``.
+    """
+    grads, decays = g.unbind(0), decay.unbind(0)
+    begin = grads[-1]
+    for k in range(len(grads) - 2, -1, -1):
+        begin = torch.addcmul(grads[k], decays[k + 1], begin)
+    chunk_decay = torch.exp2(delta[1:].sum(0)[..., None] * A2)  # from each chunk's first step to its end
+    carries = torch.empty_like(begin)
+    for c in range(len(carries) - 1, -1, -1):
+        carries[c] = carry
+        carry = decays[0][c] * torch.addcmul(begin[c], chunk_decay[c], carry)
+    grads[-1].add_(carries)
+    for k in range(len(grads) - 2, -1, -1):
+        grads[k].addcmul_(decays[k + 1], grads[k + 1])
+    return carry
+
+
+def _pad_to(t: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad the last axis to ``length``: padded steps neither decay (delta = 0) nor drive or read the state."""
+    return F.pad(t, (0, length - t.shape[-1])) if t.shape[-1] != length else t
+
+
+class _EagerScan(torch.autograd.Function):
+    """Scan core y_t = <C_t, h_t> block by block; u, delta (b, d, L), A (d, N), B, C (b, G, N, L), all float32.
+
+    The forward keeps only the state at each block start; the backward recomputes one block's states at a time and
+    runs the reverse recurrence dh_t = C_t dy_t + exp(delta_{t+1} A) dh_{t+1} chunk-parallel like the forward.
+    """
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                C: torch.Tensor) -> torch.Tensor:
+        batch, dim, length = u.shape
+        groups, n_state = B.shape[1], A.shape[1]
+        chunk = min(_EAGER_CHUNK, length)
+        padded = -(-length // chunk) * chunk
+        u, delta, B, C = (_pad_to(t, padded) for t in (u, delta, B, C))
+        A2 = A * _LOG2E
+        h0, block_starts, ys = u.new_zeros(batch, dim, n_state), [], []
+        for start in range(0, padded, _EAGER_BLOCK):
+            steps = slice(start, start + _EAGER_BLOCK)
+            delta_k = _steps_first(delta[..., steps], chunk)
+            grouped = (*delta_k.shape[:3], groups, dim // groups)
+            h = (delta_k * _steps_first(u[..., steps], chunk)).view(grouped).unsqueeze(-1) * _bc_steps_first(
+                B[..., steps], chunk)  # (T, nc, b, G, K, N)
+            block_starts.append(h0)
+            h0 = _scan_block(delta_k, A2, h.flatten(3, 4), h0)[1][-1]
+            ys.append(_steps_last(torch.matmul(h, _bc_steps_first(C[..., steps], chunk).transpose(-1, -2)).flatten(3)))
+        ctx.save_for_backward(u, delta, A, B, C, torch.stack(block_starts))
+        return torch.cat(ys, -1)[..., :length]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        u, delta, A, B, C, block_starts = ctx.saved_tensors
+        batch, dim, padded = u.shape
+        length, groups, n_state = dy.shape[-1], B.shape[1], A.shape[1]
+        chunk = min(_EAGER_CHUNK, length)
+        dy = _pad_to(dy, padded)
+        du, ddelta, dB, dC = (torch.empty_like(t) for t in (u, delta, B, C))
+        dA, A2 = torch.zeros_like(A), A * _LOG2E
+        carry = u.new_zeros(batch, dim, n_state)
+        for i in range(len(block_starts) - 1, -1, -1):
+            steps = slice(i * _EAGER_BLOCK, (i + 1) * _EAGER_BLOCK)
+            delta_k, u_k, dy_k = (_steps_first(t[..., steps], chunk) for t in (delta, u, dy))
+            b_k = _bc_steps_first(B[..., steps], chunk)
+            grouped = (*delta_k.shape[:3], groups, dim // groups, 1)
+            drive_k = (delta_k * u_k).view(grouped)  # (T, nc, b, G, K, 1)
+            h = drive_k * b_k  # (T, nc, b, G, K, N)
+            decay, starts = _scan_block(delta_k, A2, h.flatten(3, 4), block_starts[i])
+            dh = dy_k.view(grouped) * _bc_steps_first(C[..., steps], chunk)
+            carry = _reverse_scan_block(delta_k, A2, decay, dh.flatten(3, 4), carry)
+            # Reductions over the group's channels and the states as batched matrix products.
+            dC[..., steps] = _steps_last(torch.matmul(dy_k.view(grouped).transpose(-1, -2), h).squeeze(-2))
+            dB[..., steps] = _steps_last(torch.matmul(drive_k.transpose(-1, -2), dh).squeeze(-2))
+            dh_b = torch.matmul(dh, b_k.transpose(-1, -2)).flatten(3)  # <dh_t, B_t>: (T, nc, b, d)
+            du[..., steps] = _steps_last(delta_k * dh_b)
+            # dh_t * exp(delta_t A) * h_{t-1}: the gradient through the decay (dA and the rest of ddelta).
+            r = dh.flatten(3, 4).mul_(decay)
+            r[1:].mul_(h.flatten(3, 4)[:-1])
+            r[0].mul_(starts[:-1])
+            ddelta[..., steps] = _steps_last(u_k * dh_b + torch.linalg.vecdot(r, A))
+            dA += r.mul_(delta_k[..., None]).sum((0, 1, 2))
+        return du[..., :length], ddelta[..., :length], dA, dB[..., :length], dC[..., :length]
 
 
 def _scan_eager(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """Scan core y_t = <C_t, h_t> in eager PyTorch, block by block (checkpointed when gradients are needed)."""
-    batch, dim, length = u.shape
-    h = u.new_zeros(batch, dim, A.shape[1])
-    ys = []
-    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C))
-    for start in range(0, length, _EAGER_BLOCK):
-        stop = min(start + _EAGER_BLOCK, length)
-        args = (u[..., start:stop], delta[..., start:stop], A, B[..., start:stop], C[..., start:stop], h)
-        y, h = checkpoint(_eager_block, *args, use_reentrant=False) if need_grad else _eager_block(*args)
-        ys.append(y)
-    return torch.cat(ys, dim=-1)
+    """Scan core through the eager autograd.Function; B, C come in as (b, G, N, L)."""
+    return _EagerScan.apply(u, delta, A, B, C)
 
 
 # ----------------------------------------------------------------------------------------------------------------
