@@ -6,7 +6,7 @@ pooling's broadcast gradient added on top. ``pooled_channel_gate`` cuts that to 
 
 - training (eager, gradients needed): an autograd function whose backward reads ``grad`` and ``x`` once for the
   gate's gradient and writes the input gradient in one ``addcmul`` (the pooling gradient folded in); the small
-  gate network (``gate_fn`` on the (B, C) pooled vector) is re-run under autograd to get its own gradients;
+  gate network (``gate_fn`` on the (B, C) pooled vector) keeps its own autograd graph from the forward;
 - inference with ``inplace=True``: the gate is applied in place, no new full-size tensor;
 - under ``torch.compile`` or autocast: the plain expression (the compiler fuses it itself; autocast picks dtypes
   op by op).
@@ -22,32 +22,39 @@ GateFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 class _PooledGate(torch.autograd.Function):
-    """``x * gate_fn(x.mean((2, 3)))[..., None, None]`` with a fused backward (``params``: gate_fn's tensors)."""
+    """``x * gate_fn(x.mean((2, 3)))[..., None, None]`` with a fused backward (``params``: gate_fn's tensors).
+
+    The small gate network is recorded by autograd inside the forward, on a detached copy of the pooled vector, and
+    differentiated from there in the backward, so nothing is recomputed.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, gate_fn: GateFn, *params: torch.Tensor) -> torch.Tensor:
         pooled = x.mean((2, 3))
-        gate = gate_fn(pooled)
-        ctx.gate_fn = gate_fn
-        ctx.save_for_backward(x, pooled, gate, *params)
-        return x * gate[:, :, None, None]
+        with torch.enable_grad():
+            pooled.requires_grad_()
+            gate = gate_fn(pooled)
+        ctx.gate_graph = (pooled, gate)
+        ctx.params = params
+        ctx.save_for_backward(x)
+        return x * gate.detach()[:, :, None, None]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, pooled, gate, *params = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
+        pooled, gate = ctx.gate_graph
         grad_gate = (grad_out * x).sum((2, 3))
-        with torch.enable_grad():
-            pooled = pooled.detach().requires_grad_()
-            wanted = [i for i, p in enumerate(params) if ctx.needs_input_grad[2 + i]]
-            grads = torch.autograd.grad(ctx.gate_fn(pooled), [pooled] + [params[i] for i in wanted], grad_gate)
-        param_grads: list[torch.Tensor | None] = [None] * len(params)
+        wanted = [i for i in range(len(ctx.params)) if ctx.needs_input_grad[2 + i]]
+        # retain_graph: the outer graph may be walked again (retain_graph=True there), and this one is tiny.
+        grads = torch.autograd.grad(gate, [pooled] + [ctx.params[i] for i in wanted], grad_gate, retain_graph=True)
+        param_grads: list[torch.Tensor | None] = [None] * len(ctx.params)
         for i, grad in zip(wanted, grads[1:]):
             param_grads[i] = grad
         grad_x = None
         if ctx.needs_input_grad[0]:
             pooled_grad = grads[0] / (x.shape[2] * x.shape[3])
-            grad_x = torch.addcmul(pooled_grad[:, :, None, None], grad_out, gate[:, :, None, None])
+            grad_x = torch.addcmul(pooled_grad[:, :, None, None], grad_out, gate.detach()[:, :, None, None])
         return (grad_x, None, *param_grads)
 
 
