@@ -139,44 +139,49 @@ def selective_scan_ref(
 # ----------------------------------------------------------------------------------------------------------------
 # Eager chunked path: an autograd.Function whose backward recomputes one block's states and runs the reverse scan.
 #
-# Within a block of S steps (a multiple of the chunk, T steps) tensors are laid out steps-first, (T, nc, b, d, N)
-# with nc = S / T chunks: each scan step reads and writes one contiguous (nc, b, d, N) slab and covers all chunks of
-# the block at once, and a short scan over the chunk ends joins them. B and C stay per group, (T, nc, b, G, 1, N),
-# broadcast over the group's K = d / G channels.
+# The sequence is cut into blocks of nc chunks of T steps and laid out (n_blocks, T, nc, ...): within a block, each
+# scan step reads and writes one contiguous (nc, b, d, N) slab covering all the block's chunks at once, and a short
+# scan over the chunk ends joins them. B and C stay per group, (T, nc, b, G, 1, N), broadcast over the group's
+# K = d / G channels. Per-block tensors go into buffers allocated once per call (fresh multi-MiB allocations cost
+# page faults on every block).
 
 
-def _steps_first(t: torch.Tensor, chunk: int) -> torch.Tensor:
-    """(b, d, S) -> contiguous (T, nc, b, d)."""
-    batch, dim, length = t.shape
-    return t.reshape(batch, dim, length // chunk, chunk).permute(3, 2, 0, 1).contiguous()
+def _layout(length: int) -> tuple[int, int, int]:
+    """(chunk, block, padded length): equal blocks of whole chunks, at most _EAGER_BLOCK steps each."""
+    chunk = min(_EAGER_CHUNK, length)
+    n_chunks = -(-length // chunk)
+    n_blocks = -(-n_chunks * chunk // _EAGER_BLOCK)
+    block = -(-n_chunks // n_blocks) * chunk
+    return chunk, block, n_blocks * block
 
 
-def _bc_steps_first(t: torch.Tensor, chunk: int) -> torch.Tensor:
-    """B or C (b, G, N, S) -> (T, nc, b, G, 1, N)."""
-    batch, groups, n_state, length = t.shape
-    return t.reshape(batch, groups, n_state, length // chunk, chunk).permute(4, 3, 0, 1, 2).contiguous().unsqueeze(-2)
+def _to_blocks(t: torch.Tensor, chunk: int, block: int, padded: int) -> torch.Tensor:
+    """(..., L) -> contiguous (n_blocks, T, nc, ...), zero-padded to ``padded`` steps: padded steps neither decay
+    (delta = 0) nor drive (u = 0) or read (C = 0) the state."""
+    *lead, length = t.shape
+    t = F.pad(t, (0, padded - length)).reshape(*lead, padded // block, block // chunk, chunk)
+    return t.movedim((-3, -1, -2), (0, 1, 2)).contiguous()
 
 
-def _steps_last(t: torch.Tensor) -> torch.Tensor:
-    """(T, nc, b, ...) -> (b, ..., nc * T): back from a steps-first layout."""
-    chunk, n_chunks = t.shape[:2]
-    return t.movedim((0, 1), (-1, -2)).reshape(*t.shape[2:], n_chunks * chunk)
+def _from_blocks(t: torch.Tensor, length: int) -> torch.Tensor:
+    """(n_blocks, T, nc, ...) -> (..., length), the inverse of ``_to_blocks``."""
+    return t.movedim((0, 1, 2), (-3, -1, -2)).flatten(-3)[..., :length]
 
 
-def _scan_block(delta: torch.Tensor, A2: torch.Tensor, h: torch.Tensor,
-                h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _scan_block(delta: torch.Tensor, A2: torch.Tensor, h: torch.Tensor, h0: torch.Tensor,
+                decay: torch.Tensor) -> torch.Tensor:
     """h_t = exp(delta_t A) h_{t-1} + x_t over one block, in place: ``h`` (T, nc, b, d, N) holds x, then the states.
 
-    delta: (T, nc, b, d); A2 = A log2(e), (d, N); h0: (b, d, N), the state before the block. Returns the decays
-    exp(delta A) (T, nc, b, d, N) and the state before each chunk (nc + 1, b, d, N; the last is the block's final
-    state). A first pass rolls each chunk from a zero state to its end, a scan over the chunk ends gives every chunk's
-    true starting state, and a second pass rolls the chunks again from those.
+    delta: (T, nc, b, d); A2 = A log2(e), (d, N); h0: (b, d, N), the state before the block. Writes the decays
+    exp(delta A) into ``decay`` (T, nc, b, d, N) and returns the state before each chunk (nc + 1, b, d, N; the last
+    is the block's final state). A first pass rolls each chunk from a zero state to its end, a scan over the chunk
+    ends gives every chunk's true starting state, and a second pass rolls the chunks again from those.
     """
-    decay = torch.exp2(delta[..., None] * A2)
+    torch.mul(delta[..., None], A2, out=decay).exp2_()
     states, decays = h.unbind(0), decay.unbind(0)
-    end = states[0]
+    end = states[0].clone()
     for k in range(1, len(states)):
-        end = torch.addcmul(states[k], decays[k], end)
+        torch.addcmul(states[k], decays[k], end, out=end)
     chunk_decay = torch.exp2(delta.sum(0)[..., None] * A2)  # (nc, b, d, N): exp of A times a sum of deltas >= 0
     starts = h.new_empty(h.shape[1] + 1, *h0.shape)
     starts[0] = h0
@@ -185,7 +190,7 @@ def _scan_block(delta: torch.Tensor, A2: torch.Tensor, h: torch.Tensor,
     states[0].addcmul_(decays[0], starts[:-1])
     for k in range(1, len(states)):
         states[k].addcmul_(decays[k], states[k - 1])
-    return decay, starts
+    return starts
 
 
 def _reverse_scan_block(delta: torch.Tensor, A2: torch.Tensor, decay: torch.Tensor, g: torch.Tensor,
@@ -196,9 +201,9 @@ def _reverse_scan_block(delta: torch.Tensor, A2: torch.Tensor, decay: torch.Tens
     product at the block's first step, the carry into the previous block. Two passes as in ``_scan_block``.
     """
     grads, decays = g.unbind(0), decay.unbind(0)
-    begin = grads[-1]
+    begin = grads[-1].clone()
     for k in range(len(grads) - 2, -1, -1):
-        begin = torch.addcmul(grads[k], decays[k + 1], begin)
+        torch.addcmul(grads[k], decays[k + 1], begin, out=begin)
     chunk_decay = torch.exp2(delta[1:].sum(0)[..., None] * A2)  # from each chunk's first step to its end
     carries = torch.empty_like(begin)
     for c in range(len(carries) - 1, -1, -1):
@@ -210,16 +215,12 @@ def _reverse_scan_block(delta: torch.Tensor, A2: torch.Tensor, decay: torch.Tens
     return carry
 
 
-def _pad_to(t: torch.Tensor, length: int) -> torch.Tensor:
-    """Zero-pad the last axis to ``length``: padded steps neither decay (delta = 0) nor drive or read the state."""
-    return F.pad(t, (0, length - t.shape[-1])) if t.shape[-1] != length else t
-
-
 class _EagerScan(torch.autograd.Function):
     """Scan core y_t = <C_t, h_t> block by block; u, delta (b, d, L), A (d, N), B, C (b, G, N, L), all float32.
 
     The forward keeps only the state at each block start; the backward recomputes one block's states at a time and
-    runs the reverse recurrence dh_t = C_t dy_t + exp(delta_{t+1} A) dh_{t+1} chunk-parallel like the forward.
+    runs the reverse recurrence dh_t = C_t dy_t + exp(delta_{t+1} A) dh_{t+1} chunk-parallel like the forward, then
+    reduces dh and the states to the input gradients with batched matrix products and sums.
     """
 
     @staticmethod
@@ -227,56 +228,53 @@ class _EagerScan(torch.autograd.Function):
                 C: torch.Tensor) -> torch.Tensor:
         batch, dim, length = u.shape
         groups, n_state = B.shape[1], A.shape[1]
-        chunk = min(_EAGER_CHUNK, length)
-        padded = -(-length // chunk) * chunk
-        u, delta, B, C = (_pad_to(t, padded) for t in (u, delta, B, C))
-        A2 = A * _LOG2E
-        h0, block_starts, ys = u.new_zeros(batch, dim, n_state), [], []
-        for start in range(0, padded, _EAGER_BLOCK):
-            steps = slice(start, start + _EAGER_BLOCK)
-            delta_k = _steps_first(delta[..., steps], chunk)
-            grouped = (*delta_k.shape[:3], groups, dim // groups)
-            h = (delta_k * _steps_first(u[..., steps], chunk)).view(grouped).unsqueeze(-1) * _bc_steps_first(
-                B[..., steps], chunk)  # (T, nc, b, G, K, N)
+        layout = _layout(length)
+        u, delta = (_to_blocks(t, *layout) for t in (u, delta))  # (n_blocks, T, nc, b, d)
+        B, C = (_to_blocks(t, *layout).unsqueeze(-2) for t in (B, C))  # (n_blocks, T, nc, b, G, 1, N)
+        grouped = (*u.shape[1:4], groups, dim // groups, 1)
+        h = u.new_empty(*grouped[:-1], n_state)  # (T, nc, b, G, K, N)
+        decay = u.new_empty(*u.shape[1:], n_state)
+        y = u.new_empty(u.shape[0], *grouped)
+        A2, h0, block_starts = A * _LOG2E, u.new_zeros(batch, dim, n_state), []
+        for i in range(len(u)):
             block_starts.append(h0)
-            h0 = _scan_block(delta_k, A2, h.flatten(3, 4), h0)[1][-1]
-            ys.append(_steps_last(torch.matmul(h, _bc_steps_first(C[..., steps], chunk).transpose(-1, -2)).flatten(3)))
+            torch.mul((delta[i] * u[i]).view(grouped), B[i], out=h)
+            h0 = _scan_block(delta[i], A2, h.flatten(3, 4), h0, decay)[-1]
+            torch.matmul(h, C[i].transpose(-1, -2), out=y[i])
         ctx.save_for_backward(u, delta, A, B, C, torch.stack(block_starts))
-        return torch.cat(ys, -1)[..., :length]
+        return _from_blocks(y.flatten(-3), length)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, ...]:
         u, delta, A, B, C, block_starts = ctx.saved_tensors
-        batch, dim, padded = u.shape
-        length, groups, n_state = dy.shape[-1], B.shape[1], A.shape[1]
-        chunk = min(_EAGER_CHUNK, length)
-        dy = _pad_to(dy, padded)
+        length = dy.shape[-1]
+        dy = _to_blocks(dy, *_layout(length))
+        grouped = (*u.shape[1:4], B.shape[4], u.shape[-1] // B.shape[4], 1)
         du, ddelta, dB, dC = (torch.empty_like(t) for t in (u, delta, B, C))
         dA, A2 = torch.zeros_like(A), A * _LOG2E
-        carry = u.new_zeros(batch, dim, n_state)
-        for i in range(len(block_starts) - 1, -1, -1):
-            steps = slice(i * _EAGER_BLOCK, (i + 1) * _EAGER_BLOCK)
-            delta_k, u_k, dy_k = (_steps_first(t[..., steps], chunk) for t in (delta, u, dy))
-            b_k = _bc_steps_first(B[..., steps], chunk)
-            grouped = (*delta_k.shape[:3], groups, dim // groups, 1)
-            drive_k = (delta_k * u_k).view(grouped)  # (T, nc, b, G, K, 1)
-            h = drive_k * b_k  # (T, nc, b, G, K, N)
-            decay, starts = _scan_block(delta_k, A2, h.flatten(3, 4), block_starts[i])
-            dh = dy_k.view(grouped) * _bc_steps_first(C[..., steps], chunk)
-            carry = _reverse_scan_block(delta_k, A2, decay, dh.flatten(3, 4), carry)
-            # Reductions over the group's channels and the states as batched matrix products.
-            dC[..., steps] = _steps_last(torch.matmul(dy_k.view(grouped).transpose(-1, -2), h).squeeze(-2))
-            dB[..., steps] = _steps_last(torch.matmul(drive_k.transpose(-1, -2), dh).squeeze(-2))
-            dh_b = torch.matmul(dh, b_k.transpose(-1, -2)).flatten(3)  # <dh_t, B_t>: (T, nc, b, d)
-            du[..., steps] = _steps_last(delta_k * dh_b)
-            # dh_t * exp(delta_t A) * h_{t-1}: the gradient through the decay (dA and the rest of ddelta).
+        h, dh = u.new_empty(*grouped[:-1], A.shape[1]), u.new_empty(*grouped[:-1], A.shape[1])
+        decay = u.new_empty(*u.shape[1:], A.shape[1])
+        carry = torch.zeros_like(block_starts[0])
+        for i in range(len(u) - 1, -1, -1):
+            drive = (delta[i] * u[i]).view(grouped)  # (T, nc, b, G, K, 1)
+            torch.mul(drive, B[i], out=h)
+            starts = _scan_block(delta[i], A2, h.flatten(3, 4), block_starts[i], decay)
+            torch.mul(dy[i].view(grouped), C[i], out=dh)
+            carry = _reverse_scan_block(delta[i], A2, decay, dh.flatten(3, 4), carry)
+            # Sums over the group's channels (dB, dC) and over the states (<dh_t, B_t>) as batched matrix products.
+            torch.matmul(dy[i].view(grouped).transpose(-1, -2), h, out=dC[i])
+            torch.matmul(drive.transpose(-1, -2), dh, out=dB[i])
+            dh_b = torch.matmul(dh, B[i].transpose(-1, -2)).view_as(u[i])
+            torch.mul(delta[i], dh_b, out=du[i])
+            # dh_t exp(delta_t A) h_{t-1}: the gradient through the decay, for dA and the rest of ddelta.
             r = dh.flatten(3, 4).mul_(decay)
             r[1:].mul_(h.flatten(3, 4)[:-1])
             r[0].mul_(starts[:-1])
-            ddelta[..., steps] = _steps_last(u_k * dh_b + torch.linalg.vecdot(r, A))
-            dA += r.mul_(delta_k[..., None]).sum((0, 1, 2))
-        return du[..., :length], ddelta[..., :length], dA, dB[..., :length], dC[..., :length]
+            torch.addcmul(torch.mul(r, A, out=decay).sum(-1), u[i], dh_b, out=ddelta[i])  # decay is free: scratch
+            dA += r.mul_(delta[i][..., None]).sum((0, 1, 2))
+        return (_from_blocks(du, length), _from_blocks(ddelta, length), dA, _from_blocks(dB.squeeze(-2), length),
+                _from_blocks(dC.squeeze(-2), length))
 
 
 def _scan_eager(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
