@@ -372,7 +372,7 @@ class PairedFolderDataModule(_RestorationDataModule):
         self.root = root
         if train is None and val is None and test is None:
             raise ValueError("PairedFolderDataModule needs at least one of train, val, test ({gt_dir, lq_dir})")
-        self.splits = {"train": train, "val": val, "test": test if test is not None else val}
+        self.splits = {"train": train, "val": val, "test": test}
         for name, split in self.splits.items():
             if split is not None and not {"gt_dir", "lq_dir"} <= set(split):
                 raise ValueError(f"{name} must give gt_dir and lq_dir, got keys {sorted(split)}")
@@ -390,10 +390,11 @@ class PairedFolderDataModule(_RestorationDataModule):
         scale = self._scale()
         if stage in (None, "fit") and self.splits["train"] is not None:
             self.train_set = PairedImageDataset(self._pairs("train"), scale, self.patch_size, self.augment, self.enlarge)
-        for name in ("val", "test"):
-            pairs = self._pairs(name) if stage in (None, "fit", "validate", "test") else None
-            if pairs is not None:
-                setattr(self, f"{name}_set", PairedImageDataset(pairs, scale))
+        if stage in (None, "fit", "validate", "test"):
+            if self.splits["val"] is not None:
+                self.val_set = PairedImageDataset(self._pairs("val"), scale)
+            # test defaults to val: the same dataset, its folders listed once
+            self.test_set = self.val_set if self.splits["test"] is None else PairedImageDataset(self._pairs("test"), scale)
         _logger.info("paired restoration data (scale %d): %s", scale, {
             k: len(v) for k, v in (("train", self.train_set), ("val", self.val_set), ("test", self.test_set))
             if v is not None
@@ -433,16 +434,16 @@ class BicubicSRDataModule(_RestorationDataModule):
         if train is None and val is None and test is None:
             raise ValueError("BicubicSRDataModule needs at least one of train, val, test (HR image sources)")
         self.sources = {
-            "train": None if train is None else _expand_sources(train, "train"),
-            "val": None if val is None else _expand_sources(val, "val"),
-            "test": _expand_sources(test, "test") if test is not None else (None if val is None else _expand_sources(val, "val")),
+            name: None if value is None else _expand_sources(value, name)
+            for name, value in (("train", train), ("val", val), ("test", test))
         }
 
     def setup(self, stage: Optional[str] = None) -> None:
         scale = self._scale()
         if self.sources["train"] is not None and stage in (None, "fit"):
             self.train_set = BicubicSRDataset(self.sources["train"], scale, self.patch_size, self.augment, self.enlarge)
-        for name in ("val", "test"):
-            if self.sources[name] is not None:
-                setattr(self, f"{name}_set", BicubicSRDataset(self.sources[name], scale))
+        if self.sources["val"] is not None:
+            self.val_set = BicubicSRDataset(self.sources["val"], scale)
+        # test defaults to val: the same dataset (and image cache), its sources listed and loaded once
+        self.test_set = self.val_set if self.sources["test"] is None else BicubicSRDataset(self.sources["test"], scale)
 

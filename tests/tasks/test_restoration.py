@@ -148,6 +148,7 @@ def test_paired_folders_div2k_and_raindrop_layouts(tmp_path) -> None:
     torch.testing.assert_close(F.avg_pool2d(gt, 3), lq, atol=0.15, rtol=0)  # aligned patches: the LR is the blurred HR
     lq, gt = dm.val_set[0]
     assert gt.shape[-2:] == (lq.shape[-2] * 3, lq.shape[-1] * 3) == (90, 120)
+    assert dm.test_set is dm.val_set  # test defaults to val: one dataset, the folders listed once
     with pytest.raises(ValueError, match="data scale=3 but the model up-scales x2"):
         dm.set_model(RGT(upscale=2, **TINY))
 
@@ -157,6 +158,7 @@ def test_corrupt_image_and_bad_sources_are_named(tmp_path) -> None:
     (tmp_path / "hr" / "broken.png").write_bytes(b"not a png")
     dm = BicubicSRDataModule(val=str(tmp_path / "hr"), scale=2)
     dm.setup("validate")
+    assert dm.test_set is dm.val_set  # test defaults to val: one dataset (and image cache)
     with pytest.raises(ValueError, match="cannot read image '.*broken.png'"):
         dm.val_set[0]
     with pytest.raises(ValueError, match="skimage.data has no image 'nope'"):
