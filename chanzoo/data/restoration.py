@@ -242,7 +242,10 @@ def _expand_sources(sources: Union[str, Sequence[str]], argument: str) -> list[s
 
 
 class BicubicSRDataset(_PatchDataset):
-    """HR images whose LQ partner is made on the fly by ``bicubic_downsample`` (of each training patch)."""
+    """HR images whose LQ partner is made on the fly by ``bicubic_downsample`` (of each training patch).
+
+    ``cache``: keep every decoded HR image in memory after its first read (in each loader worker's copy of the set).
+    """
 
     def __init__(
         self,
@@ -407,6 +410,8 @@ class BicubicSRDataModule(_RestorationDataModule):
     Args:
         train, val, test: folders, image files or ``skimage:<name>`` entries (a list or one string); ``test`` defaults
             to ``val``.
+        cache: keep decoded HR images in memory after their first read (each loader worker holds its own copy);
+            ``False`` re-reads them for every sample, for HR sets too large to hold ``num_workers`` times (DIV2K).
         Other arguments as ``PairedFolderDataModule``.
     """
 
@@ -426,11 +431,13 @@ class BicubicSRDataModule(_RestorationDataModule):
         num_classes: int = 0,
         in_chans: int = 3,
         img_size: Optional[int] = None,
+        cache: bool = True,
     ) -> None:
         super().__init__(
             scale, patch_size, augment, dataset_enlarge_ratio, batch_size, eval_batch_size, num_workers, seed,
             num_classes, in_chans, img_size,
         )
+        self.cache = cache
         if train is None and val is None and test is None:
             raise ValueError("BicubicSRDataModule needs at least one of train, val, test (HR image sources)")
         self.sources = {
@@ -441,9 +448,12 @@ class BicubicSRDataModule(_RestorationDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         scale = self._scale()
         if self.sources["train"] is not None and stage in (None, "fit"):
-            self.train_set = BicubicSRDataset(self.sources["train"], scale, self.patch_size, self.augment, self.enlarge)
+            self.train_set = BicubicSRDataset(
+                self.sources["train"], scale, self.patch_size, self.augment, self.enlarge, cache=self.cache
+            )
         if self.sources["val"] is not None:
-            self.val_set = BicubicSRDataset(self.sources["val"], scale)
+            self.val_set = BicubicSRDataset(self.sources["val"], scale, cache=self.cache)
         # test defaults to val: the same dataset (and image cache), its sources listed and loaded once
-        self.test_set = self.val_set if self.sources["test"] is None else BicubicSRDataset(self.sources["test"], scale)
+        test = self.sources["test"]
+        self.test_set = self.val_set if test is None else BicubicSRDataset(test, scale, cache=self.cache)
 

@@ -169,6 +169,14 @@ def test_corrupt_image_and_bad_sources_are_named(tmp_path) -> None:
         BicubicSRDataModule(train="skimage:astronaut", patch_size=0)
 
 
+@pytest.mark.parametrize("cache", [True, False])
+def test_bicubic_sr_image_cache_is_configurable(cache: bool) -> None:
+    dm = BicubicSRDataModule(train="skimage:camera", val="skimage:coffee", scale=2, patch_size=8, cache=cache)
+    dm.setup("fit")
+    dm.train_set[0], dm.val_set[0]
+    assert [len(s._cache) for s in (dm.train_set, dm.val_set)] == ([1, 1] if cache else [0, 0])
+
+
 def _bicubic_psnr_y(task: RestorationTask, lq: torch.Tensor, gt: torch.Tensor) -> float:
     """Y-PSNR of bicubic up-sampling of ``lq`` by the task's metric code: the higher of PIL's (Keys a = -0.5, MATLAB
     ``imresize``'s kernel, the SR papers' baseline) and torch's (a = -0.75, slightly sharper)."""
