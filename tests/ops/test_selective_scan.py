@@ -45,7 +45,7 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x - ref).norm() / ref.norm().clamp_min(1e-12)).item()
 
 
-# (batch, dim, length, state, groups): length 1, lengths not divisible by the chunks (16 eager, 64 C++) or the
+# (batch, dim, length, state, groups): length 1, lengths not divisible by the chunks (32 eager, 64 C++) or the
 # eager block (128; 1100 steps make nine eager blocks), grouped B/C.
 SHAPES = [(2, 3, 1, 4, None), (1, 4, 33, 16, None), (2, 6, 97, 5, 3), (1, 2, 1100, 8, None), (3, 4, 64, 1, 2)]
 
