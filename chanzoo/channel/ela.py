@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from chanzoo.channel.gating import needs_grad
+from chanzoo.channel.gating import strip_channel_gate
 from chanzoo.channel.registry import register_channel_module
 
 # The paper's variants: (kernel size, input channels per conv group (None: depthwise), GroupNorm groups).
@@ -72,15 +72,9 @@ class EfficientLocalAttention(nn.Module):
         self.GN = nn.GroupNorm(num_groups, channels)
         self.inplace = inplace
 
+    def strip_gates(self, strip_h: torch.Tensor, strip_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row strip (B, C, H) and column strip (B, C, W) -> their gates, through the one shared conv + norm."""
+        return torch.sigmoid(self.GN(self.con1(strip_h))), torch.sigmoid(self.GN(self.con1(strip_w)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        strip_h, strip_w = x.mean(3), x.mean(2)  # (B, C, H): one value per row; (B, C, W): one per column
-        if strip_h.shape == strip_w.shape:
-            # Square maps: one call of the shared conv + norm on both strips stacked along the batch axis
-            # (GroupNorm's statistics are per sample, so this equals two separate calls).
-            a_h, a_w = torch.sigmoid(self.GN(self.con1(torch.cat((strip_h, strip_w))))).chunk(2)
-        else:
-            a_h = torch.sigmoid(self.GN(self.con1(strip_h)))
-            a_w = torch.sigmoid(self.GN(self.con1(strip_w)))
-        if self.inplace and not needs_grad(x, list(self.parameters())):
-            return x.mul_(a_h.unsqueeze(3)).mul_(a_w.unsqueeze(2))
-        return x * a_h.unsqueeze(3) * a_w.unsqueeze(2)
+        return strip_channel_gate(x, self.strip_gates, list(self.parameters()), self.inplace)

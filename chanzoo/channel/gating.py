@@ -1,13 +1,16 @@
-"""``x * gate(mean_HW(x))``: the pooled channel gating of SE, ECA and cSE, with a fused backward.
+"""Channel gating from pooled features, with fused backwards: ``x * g(mean_HW(x))`` (SE, ECA, cSE) and
+``x * g_h(mean_W(x)) * g_w(mean_H(x))`` (ELA's strips).
 
 Eager PyTorch runs these modules as a handful of passes over the full (B, C, H, W) map: the pooling, the
-multiply, and in the backward a full-size ``grad * x`` temporary, its reduction, the multiply by the gate and the
-pooling's broadcast gradient added on top. ``pooled_channel_gate`` cuts that to what the arithmetic needs:
+multiplies, and in the backward full-size ``grad * x`` temporaries, their reductions, the multiplies by the gates
+and the poolings' broadcast gradients added on top. ``pooled_channel_gate`` and ``strip_channel_gate`` cut that to
+what the arithmetic needs:
 
 - training (eager, gradients needed): an autograd function whose backward reads ``grad`` and ``x`` once for the
-  gate's gradient and writes the input gradient in one ``addcmul`` (the pooling gradient folded in); the small
-  gate network (``gate_fn`` on the (B, C) pooled vector) keeps its own autograd graph from the forward;
-- inference with ``inplace=True``: the gate is applied in place, no new full-size tensor;
+  gates' gradients (batched dot / matrix-vector products, no full-size temporaries where the layout allows) and
+  writes the input gradient in one buffer, the poolings' gradients added in place; the small gate network (on the
+  pooled vectors) keeps its own autograd graph from the forward, so nothing is recomputed;
+- inference with ``inplace=True``: the gates are applied in place, no new full-size tensor;
 - under ``torch.compile`` or autocast: the plain expression (the compiler fuses it itself; autocast picks dtypes
   op by op).
 """
@@ -19,6 +22,13 @@ import torch
 from torch.autograd.function import once_differentiable
 
 GateFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _spatial_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B, C): the sum over H and W of ``a * b``; a batched dot product (no full-size temporary) for NCHW tensors."""
+    if a.is_contiguous() and b.is_contiguous():
+        return torch.matmul(a.flatten(2)[:, :, None], b.flatten(2)[..., None])[:, :, 0, 0]
+    return (a * b).sum((2, 3))
 
 
 class _PooledGate(torch.autograd.Function):
@@ -44,7 +54,7 @@ class _PooledGate(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (x,) = ctx.saved_tensors
         pooled, gate = ctx.gate_graph
-        grad_gate = (grad_out * x).sum((2, 3))
+        grad_gate = _spatial_dot(grad_out, x)
         wanted = [i for i in range(len(ctx.params)) if ctx.needs_input_grad[2 + i]]
         # retain_graph: the outer graph may be walked again (retain_graph=True there), and this one is tiny.
         grads = torch.autograd.grad(gate, [pooled] + [ctx.params[i] for i in wanted], grad_gate, retain_graph=True)
@@ -54,8 +64,69 @@ class _PooledGate(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             pooled_grad = grads[0] / (x.shape[2] * x.shape[3])
-            grad_x = torch.addcmul(pooled_grad[:, :, None, None], grad_out, gate.detach()[:, :, None, None])
+            grad_x = torch.mul(grad_out, gate.detach()[:, :, None, None]).add_(pooled_grad[:, :, None, None])
         return (grad_x, None, *param_grads)
+
+
+StripGateFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class _StripGate(torch.autograd.Function):
+    """``x * a_h[..., None] * a_w[:, :, None]`` with ``a_h, a_w = gate_fn(x.mean(3), x.mean(2))``, fused backward.
+
+    The backward forms ``grad * x`` once, reduces it against each strip gate with a batched matrix-vector product
+    (no full-size temporaries), and writes the input gradient with both strips' pooling gradients folded in.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gate_fn: StripGateFn, *params: torch.Tensor) -> torch.Tensor:
+        strip_h, strip_w = x.mean(3), x.mean(2)
+        with torch.enable_grad():
+            strip_h.requires_grad_()
+            strip_w.requires_grad_()
+            gate_h, gate_w = gate_fn(strip_h, strip_w)
+        ctx.gate_graph = (strip_h, strip_w, gate_h, gate_w)
+        ctx.params = params
+        ctx.save_for_backward(x)
+        return torch.mul(x, gate_h.detach()[..., None]).mul_(gate_w.detach()[:, :, None])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        strip_h, strip_w, gate_h, gate_w = ctx.gate_graph
+        a_h, a_w = gate_h.detach(), gate_w.detach()
+        weighted = grad_out * x
+        grad_h = torch.matmul(weighted, a_w[..., None])[..., 0]  # sum over W of grad * x * a_w
+        grad_w = torch.matmul(a_h[:, :, None], weighted)[:, :, 0]  # sum over H of grad * x * a_h
+        wanted = [i for i in range(len(ctx.params)) if ctx.needs_input_grad[2 + i]]
+        grads = torch.autograd.grad((gate_h, gate_w), [strip_h, strip_w] + [ctx.params[i] for i in wanted],
+                                    (grad_h, grad_w), retain_graph=True)
+        param_grads: list[torch.Tensor | None] = [None] * len(ctx.params)
+        for i, grad in zip(wanted, grads[2:]):
+            param_grads[i] = grad
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            height, width = x.shape[2:]
+            grad_x = torch.mul(grad_out, a_h[..., None]).mul_(a_w[:, :, None])  # in place: no second full-size buffer
+            grad_x.add_((grads[0] / width)[..., None]).add_((grads[1] / height)[:, :, None])
+        return (grad_x, None, *param_grads)
+
+
+def strip_channel_gate(
+    x: torch.Tensor, gate_fn: StripGateFn, params: Sequence[torch.Tensor], inplace: bool = False
+) -> torch.Tensor:
+    """``x * a_h * a_w`` with ``(a_h, a_w) = gate_fn(mean over W, mean over H)``: (B, C, H) and (B, C, W) gates.
+
+    The strip form of ``pooled_channel_gate`` (ELA, coordinate-style attention); same arguments.
+    """
+    recorded = needs_grad(x, params)
+    if recorded and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type):
+        return _StripGate.apply(x, gate_fn, *params)
+    gate_h, gate_w = gate_fn(x.mean(3), x.mean(2))
+    if inplace and not recorded:
+        return x.mul_(gate_h[..., None]).mul_(gate_w[:, :, None])
+    return x * gate_h[..., None] * gate_w[:, :, None]
 
 
 def needs_grad(x: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
