@@ -5,7 +5,7 @@
    the same kernel; ELA-B: ``EfficientLocalAttn`` with kernel 7, GroupNorm(16) and no activation, i.e. the same
    function with separate H/W convs).
 2. ResNet-50 end-to-end inference (or, with ``--resnet-train``, forward+backward) throughput with each module in its
-   native slot, relative to plain ResNet-50.
+   native slot, relative to plain ResNet-50; rows ``timm:<name>`` put timm's equivalent module in the same slot.
 
 All candidates of one table are timed in turn (A, B, C, A, B, C, ...; ``chanzoo.profile.time_interleaved``), so load
 from other processes falls on all of them alike; figures are medians.
@@ -86,7 +86,11 @@ def module_table(shape: tuple[int, int, int, int], repeats: int, names: list[str
 def resnet50_table(batch: int, img_size: int, repeats: int, names: list[str], train: bool) -> None:
     x = torch.randn(batch, 3, img_size, img_size)
     models = {"plain": chanzoo.create_model("resnet50")}
-    models.update({name: chanzoo.create_model("resnet50", attn=name) for name in names})
+    for name in names:
+        models[name] = chanzoo.create_model("resnet50", attn=name)
+        if timm_equivalent(name, chanzoo.create_channel_module(name, 64), 64) is not None:
+            models[f"timm:{name}"] = chanzoo.create_model(
+                "resnet50", attn=lambda c, name=name: timm_equivalent(name, chanzoo.create_channel_module(name, c), c))
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
     if train:  # forward + backward in training mode (batch statistics), as one optimisation step computes it
         fns = {n: fwd_bwd(m.train(), x) for n, m in models.items()}
@@ -96,9 +100,10 @@ def resnet50_table(batch: int, img_size: int, repeats: int, names: list[str], tr
     base = timings["plain"].median
     mode = "forward+backward (train mode)" if train else "inference"
     print(f"\nResNet-50 {mode}, batch {batch} at {img_size}x{img_size}, median of {repeats}")
-    print(f"{'module':<8} {'params':>12} {'img/s':>8} {'vs plain':>9}")
+    print(f"{'module':<10} {'params':>12} {'img/s':>8} {'vs plain':>9}")
     for name, t in timings.items():
-        print(f"{name:<8} {params[name] - params['plain']:>+12,d} {batch / t.median:>8.2f} {base / t.median:>8.3f}x")
+        print(f"{name:<10} {params[name] - params['plain']:>+12,d} {batch / t.median:>8.2f} {base / t.median:>8.3f}x"
+              f"   (IQR {t.spread_pct:.0f}%)")
 
 
 def main() -> None:

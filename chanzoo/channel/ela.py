@@ -3,6 +3,7 @@ arXiv:2403.01123, 2024)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from chanzoo.channel.gating import strip_channel_gate
@@ -72,9 +73,19 @@ class EfficientLocalAttention(nn.Module):
         self.GN = nn.GroupNorm(num_groups, channels)
         self.inplace = inplace
 
+    def strip_gate(self, strip: torch.Tensor) -> torch.Tensor:
+        """(B, C, L) strip -> its gate through the shared conv + norm.
+
+        The Conv1d runs as a (k, 1) Conv2d on a (B, C, L, 1) view: the same weights and result, and on the CPU
+        oneDNN's backward for that layout is 3-5x faster on short strips (7x7 maps) than for Conv1d's (1, k).
+        """
+        conv = self.con1
+        out = F.conv2d(strip[..., None], conv.weight[..., None], padding=(conv.padding[0], 0), groups=conv.groups)
+        return torch.sigmoid(self.GN(out[..., 0]))
+
     def strip_gates(self, strip_h: torch.Tensor, strip_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Row strip (B, C, H) and column strip (B, C, W) -> their gates, through the one shared conv + norm."""
-        return torch.sigmoid(self.GN(self.con1(strip_h))), torch.sigmoid(self.GN(self.con1(strip_w)))
+        return self.strip_gate(strip_h), self.strip_gate(strip_w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return strip_channel_gate(x, self.strip_gates, list(self.parameters()), self.inplace)
