@@ -114,3 +114,21 @@ def test_native_slots_scale_in_place_and_stage_insertion_does_not(photos: dict[s
     out_of_place.load_state_dict(resnet.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(in_place, out_of_place.eval()(image))
+
+
+def test_resnet_training_step_equals_timm_modules_in_the_same_slot(photos: dict[str, np.ndarray]) -> None:
+    """A ResNet-18 with our ECA (fused backward) gives timm's EcaModule model's loss gradients for every weight."""
+    from timm.layers import EcaModule
+
+    images = [F.interpolate(torch.from_numpy(photos[k]).permute(2, 0, 1).float()[None] / 255, size=(64, 64),
+                            mode="bilinear", antialias=True) for k in ("astronaut", "coffee", "chelsea")]
+    x, labels = torch.cat(images), torch.tensor([3, 7, 1])
+    # zero_init_last=False: timm's default zero gamma in each block's last norm would leave the slots without gradient
+    ours = chanzoo.create_model("resnet18", attn="eca", num_classes=10, zero_init_last=False)
+    theirs = chanzoo.create_model("resnet18", attn=lambda c: EcaModule(c), num_classes=10, zero_init_last=False)
+    theirs.load_state_dict(ours.state_dict())
+    for model in (ours, theirs):
+        F.cross_entropy(model.train()(x), labels).backward()
+    assert ours.layer1[0].se.conv.weight.grad.abs().max() > 0
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
