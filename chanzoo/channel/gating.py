@@ -31,6 +31,30 @@ def _spatial_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum((2, 3))
 
 
+def needs_grad(x: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
+    """Whether autograd records a module computing from ``x`` and ``params`` (if not, it may scale ``x`` in place)."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+
+
+def _fused(x: torch.Tensor, recorded: bool) -> bool:
+    """Use the fused autograd functions: gradients recorded, eager (the compiler fuses the plain expression
+    itself) and no autocast (which picks dtypes op by op)."""
+    return recorded and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type)
+
+
+def _gate_network_grads(ctx, n_pooled: int, grad_gates: tuple[torch.Tensor, ...]) -> tuple[list, list]:
+    """Back through the gate network kept in ``ctx.gate_graph`` (pooled inputs, then gates): the pooled inputs'
+    gradients and one gradient (or None) per entry of ``ctx.params``."""
+    pooled, gates = ctx.gate_graph[:n_pooled], ctx.gate_graph[n_pooled:]
+    wanted = [i for i in range(len(ctx.params)) if ctx.needs_input_grad[2 + i]]
+    # retain_graph: the outer graph may be walked again (retain_graph=True there), and this one is tiny.
+    grads = torch.autograd.grad(gates, [*pooled] + [ctx.params[i] for i in wanted], grad_gates, retain_graph=True)
+    param_grads: list[torch.Tensor | None] = [None] * len(ctx.params)
+    for i, grad in zip(wanted, grads[n_pooled:]):
+        param_grads[i] = grad
+    return list(grads[:n_pooled]), param_grads
+
+
 class _PooledGate(torch.autograd.Function):
     """``x * gate_fn(x.mean((2, 3)))[..., None, None]`` with a fused backward (``params``: gate_fn's tensors).
 
@@ -53,18 +77,12 @@ class _PooledGate(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (x,) = ctx.saved_tensors
-        pooled, gate = ctx.gate_graph
-        grad_gate = _spatial_dot(grad_out, x)
-        wanted = [i for i in range(len(ctx.params)) if ctx.needs_input_grad[2 + i]]
-        # retain_graph: the outer graph may be walked again (retain_graph=True there), and this one is tiny.
-        grads = torch.autograd.grad(gate, [pooled] + [ctx.params[i] for i in wanted], grad_gate, retain_graph=True)
-        param_grads: list[torch.Tensor | None] = [None] * len(ctx.params)
-        for i, grad in zip(wanted, grads[1:]):
-            param_grads[i] = grad
+        gate = ctx.gate_graph[1].detach()
+        (pooled_grad,), param_grads = _gate_network_grads(ctx, 1, (_spatial_dot(grad_out, x),))
         grad_x = None
         if ctx.needs_input_grad[0]:
-            pooled_grad = grads[0] / (x.shape[2] * x.shape[3])
-            grad_x = torch.mul(grad_out, gate.detach()[:, :, None, None]).add_(pooled_grad[:, :, None, None])
+            pooled_grad = pooled_grad / (x.shape[2] * x.shape[3])
+            grad_x = torch.mul(grad_out, gate[:, :, None, None]).add_(pooled_grad[:, :, None, None])
         return (grad_x, None, *param_grads)
 
 
@@ -94,22 +112,16 @@ class _StripGate(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (x,) = ctx.saved_tensors
-        strip_h, strip_w, gate_h, gate_w = ctx.gate_graph
-        a_h, a_w = gate_h.detach(), gate_w.detach()
+        a_h, a_w = (gate.detach() for gate in ctx.gate_graph[2:])
         weighted = grad_out * x
         grad_h = torch.matmul(weighted, a_w[..., None])[..., 0]  # sum over W of grad * x * a_w
         grad_w = torch.matmul(a_h[:, :, None], weighted)[:, :, 0]  # sum over H of grad * x * a_h
-        wanted = [i for i in range(len(ctx.params)) if ctx.needs_input_grad[2 + i]]
-        grads = torch.autograd.grad((gate_h, gate_w), [strip_h, strip_w] + [ctx.params[i] for i in wanted],
-                                    (grad_h, grad_w), retain_graph=True)
-        param_grads: list[torch.Tensor | None] = [None] * len(ctx.params)
-        for i, grad in zip(wanted, grads[2:]):
-            param_grads[i] = grad
+        (strip_h_grad, strip_w_grad), param_grads = _gate_network_grads(ctx, 2, (grad_h, grad_w))
         grad_x = None
         if ctx.needs_input_grad[0]:
             height, width = x.shape[2:]
             grad_x = torch.mul(grad_out, a_h[..., None]).mul_(a_w[:, :, None])  # in place: no second full-size buffer
-            grad_x.add_((grads[0] / width)[..., None]).add_((grads[1] / height)[:, :, None])
+            grad_x.add_((strip_h_grad / width)[..., None]).add_((strip_w_grad / height)[:, :, None])
         return (grad_x, None, *param_grads)
 
 
@@ -121,17 +133,12 @@ def strip_channel_gate(
     The strip form of ``pooled_channel_gate`` (ELA, coordinate-style attention); same arguments.
     """
     recorded = needs_grad(x, params)
-    if recorded and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type):
+    if _fused(x, recorded):
         return _StripGate.apply(x, gate_fn, *params)
     gate_h, gate_w = gate_fn(x.mean(3), x.mean(2))
     if inplace and not recorded:
         return x.mul_(gate_h[..., None]).mul_(gate_w[:, :, None])
     return x * gate_h[..., None] * gate_w[:, :, None]
-
-
-def needs_grad(x: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
-    """Whether autograd records a module computing from ``x`` and ``params`` (if not, it may scale ``x`` in place)."""
-    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
 
 
 def pooled_channel_gate(
@@ -147,7 +154,7 @@ def pooled_channel_gate(
             callers that do not read ``x`` again, like the attention slot of a ResNet block.
     """
     recorded = needs_grad(x, params)
-    if recorded and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type):
+    if _fused(x, recorded):
         return _PooledGate.apply(x, gate_fn, *params)
     gate = gate_fn(x.mean((2, 3)))[:, :, None, None]
     if inplace and not recorded:
