@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Type, TypeVar, Union
+from typing import Any, Callable, Mapping, Optional, Type, TypeVar, Union
 
 from torch import nn
 
@@ -70,21 +70,22 @@ def create_channel_module(name: ChannelModuleSpec, channels: int, **kwargs: Any)
     return factory(channels, **kwargs)
 
 
+def _parameters(factory: Callable[..., nn.Module]) -> Optional[Mapping[str, inspect.Parameter]]:
+    """The signature parameters of ``factory`` (or the class behind it), None where Python cannot tell."""
+    try:
+        return inspect.signature(getattr(factory, "module_class", factory)).parameters
+    except (TypeError, ValueError):
+        return None
+
+
 def names_kwarg(factory: Callable[..., nn.Module], name: str) -> bool:
     """Whether ``factory`` (or the class behind it) has a parameter called ``name`` (``**kwargs`` does not count)."""
-    try:
-        return name in inspect.signature(getattr(factory, "module_class", factory)).parameters
-    except (TypeError, ValueError):
-        return False
+    return name in (_parameters(factory) or {})
 
 
 def accepted_kwargs(factory: Callable[..., nn.Module], kwargs: dict[str, Any]) -> dict[str, Any]:
     """The subset of ``kwargs`` that ``factory`` (or the class behind it) takes by name."""
-    target = getattr(factory, "module_class", factory)
-    try:
-        params = inspect.signature(target).parameters
-    except (TypeError, ValueError):
-        return dict(kwargs)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    params = _parameters(factory)
+    if params is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return dict(kwargs)
     return {k: v for k, v in kwargs.items() if k in params}
