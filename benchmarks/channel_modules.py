@@ -30,15 +30,18 @@ from chanzoo.profile import machine_name, time_interleaved
 MODULES = ["se", "eca", "ela_t", "ela_b", "ela_s", "ela_l", "psa_p", "psa_s", "cse", "sse", "scse"]
 
 
-def timm_equivalent(name: str, ours: nn.Module, channels: int) -> nn.Module | None:
-    """timm's module computing the same function as ``ours``, or None."""
-    if name == "se":
-        return SEModule(channels, rd_channels=ours.fc1.out_channels)
-    if name == "eca":
-        return EcaModule(None, kernel_size=ours.kernel_size)
-    if name == "ela_b":
-        return EfficientLocalAttn(channels, kernel_size=7, act_layer=nn.Identity, norm_layer=partial(nn.GroupNorm, 16))
-    return None
+# timm's module computing the same function as ours, built from our module and the channel count.
+TIMM_EQUIVALENTS: dict[str, Callable[[nn.Module, int], nn.Module]] = {
+    "se": lambda ours, channels: SEModule(channels, rd_channels=ours.fc1.out_channels),
+    "eca": lambda ours, channels: EcaModule(None, kernel_size=ours.kernel_size),
+    "ela_b": lambda ours, channels: EfficientLocalAttn(
+        channels, kernel_size=7, act_layer=nn.Identity, norm_layer=partial(nn.GroupNorm, 16)),
+}
+
+
+def timm_equivalent(name: str, channels: int) -> nn.Module:
+    """timm's counterpart of our module ``name`` at ``channels`` (a slot factory for ResNet-50)."""
+    return TIMM_EQUIVALENTS[name](chanzoo.create_channel_module(name, channels), channels)
 
 
 def fwd_bwd(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -63,21 +66,19 @@ def inference(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 def module_table(shape: tuple[int, int, int, int], repeats: int, names: list[str]) -> None:
     channels = shape[1]
     x = torch.randn(shape, requires_grad=True)  # timing only: values do not change the work done
-    fns, pairs = {}, []
+    fns = {}
     for name in names:
         ours = chanzoo.create_channel_module(name, channels)
         fns[name] = fwd_bwd(ours, x)
-        theirs = timm_equivalent(name, ours, channels)
-        if theirs is not None:
-            fns[f"timm:{name}"] = fwd_bwd(theirs, x)
-            pairs.append(name)
+        if name in TIMM_EQUIVALENTS:
+            fns[f"timm:{name}"] = fwd_bwd(TIMM_EQUIVALENTS[name](ours, channels), x)
     timings = time_interleaved(fns, torch.device("cpu"), warmup=1, repeats=repeats)
     print(f"\nforward+backward on {tuple(shape)}, median of {repeats} (IQR %)")
     print(f"{'module':<8} {'ours ms':>10} {'timm ms':>10} {'ours vs timm':>13}")
     for name in names:
         ours_t = timings[name]
         line = f"{name:<8} {1e3 * ours_t.median:>10.2f}"
-        if name in pairs:
+        if name in TIMM_EQUIVALENTS:
             theirs_t = timings[f"timm:{name}"]
             line += f" {1e3 * theirs_t.median:>10.2f} {theirs_t.median / ours_t.median:>12.2f}x"
         print(line + f"   (IQR {ours_t.spread_pct:.0f}%)")
@@ -88,9 +89,8 @@ def resnet50_table(batch: int, img_size: int, repeats: int, names: list[str], tr
     models = {"plain": chanzoo.create_model("resnet50")}
     for name in names:
         models[name] = chanzoo.create_model("resnet50", attn=name)
-        if timm_equivalent(name, chanzoo.create_channel_module(name, 64), 64) is not None:
-            models[f"timm:{name}"] = chanzoo.create_model(
-                "resnet50", attn=lambda c, name=name: timm_equivalent(name, chanzoo.create_channel_module(name, c), c))
+        if name in TIMM_EQUIVALENTS:
+            models[f"timm:{name}"] = chanzoo.create_model("resnet50", attn=partial(timm_equivalent, name))
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
     if train:  # forward + backward in training mode (batch statistics), as one optimisation step computes it
         fns = {n: fwd_bwd(m.train(), x) for n, m in models.items()}
