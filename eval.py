@@ -2,10 +2,11 @@
 import hydra
 from omegaconf import DictConfig
 
+from chanzoo.configs import CONFIG_DIR
 from chanzoo.run import evaluate
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="eval")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)
 

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from chanzoo.acceleration import prepare_model, to_input_format
+from chanzoo.configs import CONFIG_DIR
 
 _logger = logging.getLogger(__name__)
 
@@ -526,7 +527,6 @@ def scatter_plot(rows: Sequence[ProfileRow], path: Path) -> None:
 
 # ---------------------------------------------------------------- Hydra entry point
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def model_config(name: str) -> dict[str, Any]:

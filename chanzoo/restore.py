@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from chanzoo.configs import CONFIG_DIR
 from chanzoo.data.restoration import IMAGE_SUFFIXES, image_to_tensor, load_image, model_scale
 from chanzoo.ops.tiling import tiled_forward
 
 _logger = logging.getLogger(__name__)
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def _device(name: str) -> torch.device:

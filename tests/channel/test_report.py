@@ -16,6 +16,7 @@ import chanzoo
 from chanzoo import report
 from chanzoo.channel.se import SqueezeExcite
 from chanzoo.profile import count_flops
+from chanzoo.configs import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 ATTNS = ["none", "se", "eca"]
@@ -26,7 +27,7 @@ CURVES = {"none": [0.61, 0.70, 0.68], "se": [0.63, 0.74, 0.72], "eca": [0.60, 0.
 @pytest.fixture(scope="module")
 def multirun(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("multirun") / "2025-01-01_00-00-00"
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         for job, attn in enumerate(ATTNS):
             cfg = compose("config", overrides=["model=small_cnn", f"model.attn={attn}"])
             run = folder / str(job)

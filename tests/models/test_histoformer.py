@@ -21,6 +21,7 @@ from chanzoo.models.histoformer import (
 from chanzoo.tasks import RestorationTask
 from chanzoo.tasks.losses import PearsonCorrelationLoss
 from support import REPO
+from chanzoo.configs import CONFIG_DIR
 
 # the official histoformer_arch.py with the released Allweather_Histoformer.yml, counted on CPU (see docs)
 OFFICIAL_PARAMS = 16_615_100
@@ -250,7 +251,7 @@ def test_allweather_recipe_lr_follows_the_official_schedule():
 
     from chanzoo.tasks.optim import build_scheduler
 
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=histoformer_allweather", "data.root=/unused"])
     assert cfg.task.aux_loss._target_.endswith("PearsonCorrelationLoss") and cfg.task.aux_loss_weight == 1.0
     assert cfg.task.crop_border == 0 and cfg.trainer.gradient_clip_val == 0.01

@@ -15,6 +15,7 @@ import torch
 
 import chanzoo
 from chanzoo import hub
+from chanzoo.configs import CONFIG_DIR
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -179,7 +180,7 @@ CONFIG_PARAMS = {  # measured on the official code where it exists (see docs/mod
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "configs"), version_base=None):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         return compose("config", overrides=overrides)
 
 

@@ -15,6 +15,7 @@ from chanzoo.data.make_multichannel import build
 from chanzoo.models.channelvit import ChannelVisionTransformer
 from chanzoo.run import evaluate
 from chanzoo.tasks.channel_subsets import evaluate_channel_subsets, parse_subsets, write_subset_table
+from chanzoo.configs import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 NAMES = ["intensity", "edges", "lowpass", "highpass"]
@@ -91,7 +92,7 @@ def test_eval_with_channel_subsets_writes_the_table(tmp_path: Path, monkeypatch:
     data_root = tmp_path / "data"
     build(data_root, n_train=20, n_test=16)
     monkeypatch.chdir(tmp_path)
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(
             config_name="eval",
             overrides=[
