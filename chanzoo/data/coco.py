@@ -103,14 +103,13 @@ def coco_records(ann_path: Path, img_dir: Path, category_ids: Sequence[int], tra
                 f"{img['width']}x{img['height']} image"
             )
         segm = ann.get("segmentation")
-        if with_masks:
-            if segm is None or (isinstance(segm, list) and not segm and not ann.get("iscrowd")):
-                raise ValueError(f"{where} (image {img['file_name']}): no segmentation, but with_masks=true")
-            if isinstance(segm, dict) and list(segm.get("size", [])) != [img["height"], img["width"]]:
-                raise ValueError(
-                    f"{where} (image {img['file_name']}): mask size {segm.get('size')} (height, width) differs from "
-                    f"its image's {[img['height'], img['width']]}"
-                )
+        if isinstance(segm, dict) and list(segm.get("size", [])) != [img["height"], img["width"]]:
+            raise ValueError(
+                f"{where} (image {img['file_name']}): mask size {segm.get('size')} (height, width) differs from "
+                f"its image's {[img['height'], img['width']]}"
+            )
+        if with_masks and not segm:
+            raise ValueError(f"{where} (image {img['file_name']}): no segmentation, but with_masks=true")
         per_image[img_id].append(ann)
     records = []
     for img_id in sorted(images):

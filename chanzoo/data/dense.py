@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import lightning as L
 import numpy as np
@@ -383,10 +383,11 @@ class SegmentationDataModule(DenseDataModule):
         if len(names) != num_classes:
             raise ValueError(f"class_names has {len(names)} names but num_classes={num_classes}")
         self.num_classes, self.class_names, self.ignore_index = num_classes, names, ignore_index
-        self.splits = {"fit": train, "validate": val, "test": test or val}
-        for stage, split in self.splits.items():
-            if not isinstance(split, dict) or "img_dir" not in split or "ann_dir" not in split:
+        self.splits: dict[str, dict[str, Any]] = {}
+        for stage, split in (("fit", train), ("validate", val), ("test", test or val)):
+            if not isinstance(split, Mapping) or "img_dir" not in split or "ann_dir" not in split:
                 raise ValueError(f"the {stage} split must be a mapping with img_dir and ann_dir, got {split!r}")
+            self.splits[stage] = dict(split)
         self.reduce_zero_label, self.img_suffix, self.ann_suffix = reduce_zero_label, img_suffix, ann_suffix
         self.crop_size, self.ratio_range, self.hflip, self.eval_resize = crop_size, tuple(ratio_range), hflip, eval_resize
         self.mean, self.std = tuple(mean), tuple(std)

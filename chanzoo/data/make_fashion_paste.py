@@ -103,20 +103,27 @@ def _garment_size(shape: tuple[int, int], rng: np.random.Generator, min_side: in
     return max(min_side, min(max_side, round(h * scale))), max(min_side, min(max_side, round(w * scale)))
 
 
-def _background(photo: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def _background(photo: np.ndarray, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """A random crop of ``photo`` with the output's aspect ratio, at most 3x down-scaled, resized to it."""
     h, w = photo.shape[:2]
-    side = int(rng.integers(min(size, h, w), min(h, w, 3 * size) + 1))  # at most 3x down-scaled
-    y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-    crop = Image.fromarray(photo[y: y + side, x: x + side])
-    return np.asarray(crop.resize((size, size), Image.BILINEAR) if side != size else crop).copy()
+    largest = min(h / height, w / width, 3.0)
+    scale = float(rng.uniform(min(1.0, largest), largest))
+    ch, cw = max(1, min(h, round(height * scale))), max(1, min(w, round(width * scale)))
+    y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    crop = Image.fromarray(photo[y: y + ch, x: x + cw])
+    return np.asarray(crop.resize((width, height), Image.BILINEAR) if (ch, cw) != (height, width) else crop).copy()
 
 
-def compose_image(photo: np.ndarray, garments: np.ndarray, labels: np.ndarray, size: int,
+def compose_image(photo: np.ndarray, garments: np.ndarray, labels: np.ndarray, size: int | tuple[int, int],
                   rng: np.random.Generator, num_objects: int, min_side: int, max_side: int, min_visible: float,
                   tries: int = 8) -> tuple[np.ndarray, np.ndarray, list[tuple[int, np.ndarray]]]:
-    """One image: background crop plus up to ``num_objects`` garments; returns image, index map, [(class, mask)]."""
-    image = _background(photo, size, rng).astype(np.float32)
-    index_map = np.zeros((size, size), np.uint8)  # 0 background, else 1 + object number
+    """One image (``size`` = side or (height, width)): a photo crop plus up to ``num_objects`` garments.
+
+    Returns the uint8 image, its class map (0 background, 1 + class) and [(class 0..9, visible mask)].
+    """
+    height, width = (size, size) if isinstance(size, int) else size
+    image = _background(photo, height, width, rng).astype(np.float32)
+    index_map = np.zeros((height, width), np.uint8)  # 0 background, else 1 + object number
     objects: list[tuple[int, int]] = []  # (class 0..9, full pasted area)
     for _ in range(num_objects):
         pick = int(rng.integers(len(garments)))
@@ -124,9 +131,11 @@ def compose_image(photo: np.ndarray, garments: np.ndarray, labels: np.ndarray, s
         gh, gw = _garment_size(garment.shape, rng, min_side, max_side)
         patch = np.asarray(Image.fromarray(garment).resize((gw, gh), Image.BILINEAR), dtype=np.float32)
         alpha = patch > MASK_THRESHOLD
+        if not _visible_ok(alpha, int(alpha.sum()), 1.0, min_side):  # thin after thresholding: too small a box
+            continue
         tint = rng.uniform(0.45, 1.0, size=3).astype(np.float32)
         for _ in range(tries):
-            y, x = int(rng.integers(0, size - gh + 1)), int(rng.integers(0, size - gw + 1))
+            y, x = int(rng.integers(0, height - gh + 1)), int(rng.integers(0, width - gw + 1))
             trial = index_map.copy()
             trial[y: y + gh, x: x + gw][alpha] = len(objects) + 1
             if all(_visible_ok(trial == k + 1, area, min_visible, min_side) for k, (_, area) in enumerate(objects)):
@@ -138,7 +147,7 @@ def compose_image(photo: np.ndarray, garments: np.ndarray, labels: np.ndarray, s
         region[alpha] = patch[alpha, None] * tint
         objects.append((cls, int(alpha.sum())))
     out = [(cls, index_map == k + 1) for k, (cls, _) in enumerate(objects)]
-    class_map = np.zeros((size, size), np.uint8)
+    class_map = np.zeros((height, width), np.uint8)
     for cls, mask in out:
         class_map[mask] = cls + 1
     return image.clip(0, 255).astype(np.uint8), class_map, out
@@ -147,8 +156,7 @@ def compose_image(photo: np.ndarray, garments: np.ndarray, labels: np.ndarray, s
 def _visible_ok(mask: np.ndarray, area: int, min_visible: float, min_side: int) -> bool:
     if mask.sum() < min_visible * area:
         return False
-    rows, cols = np.any(mask, axis=1), np.any(mask, axis=0)
-    return rows.sum() >= min_side and cols.sum() >= min_side and _span(rows) >= min_side and _span(cols) >= min_side
+    return _span(np.any(mask, axis=1)) >= min_side and _span(np.any(mask, axis=0)) >= min_side
 
 
 def _span(line: np.ndarray) -> int:
@@ -196,13 +204,13 @@ def build_split(out: Path, split: str, count: int, size: int, seed: int, garment
 
 
 def make_fashion_paste(out: str | Path, train: int = 8000, val: int = 500, test: int = 1000, size: int = 128,
-                       seed: int = 0, fashion_root: str | Path = DEFAULT_ROOT, objects: Sequence[int] = (1, 4),
+                       seed: int = 0, fashion_root: str | Path = DEFAULT_ROOT, objects: Sequence[int] = (2, 4),
                        min_side: int = 20, max_side: int = 64, min_visible: float = 0.6) -> dict[str, int]:
     """Build the set under ``out``; returns the number of objects per split. Deterministic for a given seed."""
     if size < 128:
         raise ValueError(f"size must be >= 128 pixels, got {size}")
-    if not 0 < min_side <= max_side <= size:
-        raise ValueError(f"object sides must satisfy 0 < min_side <= max_side <= size, got {min_side}, {max_side}")
+    if not 0 < min_side <= max_side <= size // 2:
+        raise ValueError(f"object sides must satisfy 0 < min_side <= max_side <= size / 2, got {min_side}, {max_side}")
     if len(objects) != 2 or not 1 <= objects[0] <= objects[1]:
         raise ValueError(f"objects must be [min, max] garments tried per image with 1 <= min <= max, got {objects}")
     if not 0 < min_visible <= 1:
