@@ -384,9 +384,9 @@ class SegmentationDataModule(DenseDataModule):
             raise ValueError(f"class_names has {len(names)} names but num_classes={num_classes}")
         self.num_classes, self.class_names, self.ignore_index = num_classes, names, ignore_index
         self.splits: dict[str, dict[str, Any]] = {}
-        for stage, split in (("fit", train), ("validate", val), ("test", test or val)):
+        for stage, key, split in (("fit", "train", train), ("validate", "val", val), ("test", "test", test or val)):
             if not isinstance(split, Mapping) or "img_dir" not in split or "ann_dir" not in split:
-                raise ValueError(f"the {stage} split must be a mapping with img_dir and ann_dir, got {split!r}")
+                raise ValueError(f"the {key} split must be a mapping with img_dir and ann_dir, got {split!r}")
             self.splits[stage] = dict(split)
         self.reduce_zero_label, self.img_suffix, self.ann_suffix = reduce_zero_label, img_suffix, ann_suffix
         self.crop_size, self.ratio_range, self.hflip, self.eval_resize = crop_size, tuple(ratio_range), hflip, eval_resize
