@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -35,9 +36,9 @@ def load_coco_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"annotation file {path} is not valid JSON: {err}") from err
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise ValueError(f"annotation file {path} has no {key!r} list (not a COCO instances file)")
+    missing = [key for key in ("images", "annotations", "categories") if not isinstance(data.get(key), list)]
+    if missing:
+        raise ValueError(f"annotation file {path} has no {missing} list(s): not a COCO instances file")
     if not data["categories"]:
         raise ValueError(f"annotation file {path} lists no categories")
     return data
@@ -175,18 +176,18 @@ class COCODetectionDataModule(DenseDataModule):
         root: str,
         train_split: str = "train2017",
         val_split: str = "val2017",
-        test_split: Optional[str] = None,
+        test_split: str | None = None,
         ann_file: str = "annotations/instances_{split}.json",
         img_dir: str = "{split}",
-        num_classes: Optional[int] = None,
+        num_classes: int | None = None,
         with_masks: bool = False,
         hflip: float = 0.5,
-        train_scales: Optional[Sequence[int]] = None,
-        max_size: Optional[int] = 1333,
+        train_scales: Sequence[int] | None = None,
+        max_size: int | None = 1333,
         batch_size: int = 2,
-        eval_batch_size: Optional[int] = None,
+        eval_batch_size: int | None = None,
         num_workers: int = 4,
-        subset: Optional[int] = None,
+        subset: int | None = None,
         seed: int = 0,
         in_chans: int = 3,
     ) -> None:

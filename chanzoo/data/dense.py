@@ -11,9 +11,9 @@ Segmentation batches are ``(images, masks)``: float ``[B, 3, H, W]`` normalised 
 from __future__ import annotations
 
 import logging
-import random
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -38,7 +38,7 @@ def detection_collate(batch: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor
     return list(images), list(targets)
 
 
-def check_root(root: Optional[str], example: str) -> Path:
+def check_root(root: str | None, example: str) -> Path:
     """``root`` as a Path; a missing value or folder raises naming what was given and the expected layout."""
     if root is None or str(root) in ("", "???"):
         raise ValueError(f"data.root must name the data folder (e.g. data.root={example})")
@@ -59,8 +59,8 @@ def open_rgb(path: Path) -> Image.Image:
         raise ValueError(f"corrupt or unreadable image file {path}: {err}") from err
 
 
-def detection_transform(train: bool, hflip: float = 0.5, train_scales: Optional[Sequence[int]] = None,
-                        max_size: Optional[int] = None) -> v2.Compose:
+def detection_transform(train: bool, hflip: float = 0.5, train_scales: Sequence[int] | None = None,
+                        max_size: int | None = None) -> v2.Compose:
     """Joint image/box/mask transform: training flips (and, with ``train_scales``, resizes the shorter side to a
     random one of them, the longer capped at ``max_size``); evaluation keeps the image as it is."""
     steps: list[Callable] = []
@@ -219,7 +219,7 @@ def read_split_file(path: Path) -> list[str]:
 
 
 def image_label_pairs(img_dir: Path, ann_dir: Path, img_suffix: str, ann_suffix: str,
-                      split_file: Optional[Path] = None) -> list[tuple[Path, Path]]:
+                      split_file: Path | None = None) -> list[tuple[Path, Path]]:
     """Pair ``img_dir/<name><img_suffix>`` with ``ann_dir/<name><ann_suffix>``, names from ``split_file`` or the
     label folder; a missing folder, image or label file raises naming it."""
     for folder in (img_dir, ann_dir):
@@ -249,8 +249,8 @@ class DenseDataModule(L.LightningDataModule):
 
     task_type: str = ""
 
-    def __init__(self, batch_size: int, eval_batch_size: Optional[int], num_workers: int, seed: int,
-                 subset: Optional[int], in_chans: int = 3) -> None:
+    def __init__(self, batch_size: int, eval_batch_size: int | None, num_workers: int, seed: int,
+                 subset: int | None, in_chans: int = 3) -> None:
         super().__init__()
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -266,18 +266,18 @@ class DenseDataModule(L.LightningDataModule):
         self.num_workers, self.seed, self.subset, self.in_chans = num_workers, seed, subset, in_chans
         self.num_classes = 0
         self.class_names: list[str] = []
-        self.train_set: Optional[Dataset] = None
-        self.val_set: Optional[Dataset] = None
-        self.test_set: Optional[Dataset] = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
         self.loader_generator = torch.Generator()
 
-    collate_fn: Optional[Callable] = None  # None: torch's default (stacks equal-size tensors)
+    collate_fn: Callable | None = None  # None: torch's default (stacks equal-size tensors)
 
     def take_subset(self, items: list) -> list:
         """The first ``subset`` items (all when ``subset`` is null)."""
         return items if self.subset is None else items[: self.subset]
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
             self.train_set = self.make_dataset("fit", train=True)
             _logger.info("%s: %d training images", type(self).__name__, len(self.train_set))
@@ -286,7 +286,7 @@ class DenseDataModule(L.LightningDataModule):
         if stage in (None, "test") and self.test_set is None:
             self.test_set = self.make_dataset("test", train=False)
 
-    def _loader(self, dataset: Optional[Dataset], train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its loaders are requested")
         sampler = None
@@ -305,7 +305,6 @@ class DenseDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             collate_fn=self.collate_fn,
             generator=self.loader_generator if train else None,
-            worker_init_fn=_seed_worker,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -316,11 +315,6 @@ class DenseDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, train=False)
-
-
-def _seed_worker(worker_id: int) -> None:
-    # torchvision's v2 transforms draw from torch's RNG (seeded per worker by the loader); keep Python's in step
-    random.seed(torch.initial_seed() % 2**32)
 
 
 class SegmentationDataModule(DenseDataModule):
@@ -349,9 +343,9 @@ class SegmentationDataModule(DenseDataModule):
         root: str,
         train: dict[str, Any],
         val: dict[str, Any],
-        test: Optional[dict[str, Any]] = None,
+        test: dict[str, Any] | None = None,
         num_classes: int = 21,
-        class_names: Optional[Sequence[str]] = None,
+        class_names: Sequence[str] | None = None,
         reduce_zero_label: bool = False,
         img_suffix: str = ".jpg",
         ann_suffix: str = ".png",
@@ -362,9 +356,9 @@ class SegmentationDataModule(DenseDataModule):
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
         batch_size: int = 16,
-        eval_batch_size: Optional[int] = 1,
+        eval_batch_size: int | None = 1,
         num_workers: int = 4,
-        subset: Optional[int] = None,
+        subset: int | None = None,
         seed: int = 0,
         in_chans: int = 3,
         ignore_index: int = IGNORE_INDEX,

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import logging
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
 from chanzoo.data.dense import (
-    DenseDataModule, DetectionDataset, SegmentationDataModule, check_root, detection_collate,
-    detection_transform, read_split_file,
+    DenseDataModule,
+    DetectionDataset,
+    SegmentationDataModule,
+    check_root,
+    detection_collate,
+    detection_transform,
+    read_split_file,
 )
 
 _logger = logging.getLogger(__name__)
@@ -44,8 +50,8 @@ class VOCSegmentationDataModule(SegmentationDataModule):
         Other arguments as in ``SegmentationDataModule``.
     """
 
-    def __init__(self, root: str, year: str = "2012", sbd: bool = False, train_split: Optional[str] = None,
-                 val_split: str = "val", test_split: Optional[str] = None, num_classes: int = 21,
+    def __init__(self, root: str, year: str = "2012", sbd: bool = False, train_split: str | None = None,
+                 val_split: str = "val", test_split: str | None = None, num_classes: int = 21,
                  **kwargs: Any) -> None:
         base = check_root(root, "/data/VOC (holding VOCdevkit/VOC2012)")
         voc = devkit_dir(base) / f"VOC{year}"
@@ -121,15 +127,15 @@ class VOCDetectionDataModule(DenseDataModule):
         root: str,
         train_sets: Sequence[str] = ("VOC2007/trainval", "VOC2012/trainval"),
         val_sets: Sequence[str] = ("VOC2007/test",),
-        test_sets: Optional[Sequence[str]] = None,
+        test_sets: Sequence[str] | None = None,
         num_classes: int = 20,
         hflip: float = 0.5,
-        train_scales: Optional[Sequence[int]] = None,
-        max_size: Optional[int] = 1000,
+        train_scales: Sequence[int] | None = None,
+        max_size: int | None = 1000,
         batch_size: int = 2,
-        eval_batch_size: Optional[int] = None,
+        eval_batch_size: int | None = None,
         num_workers: int = 4,
-        subset: Optional[int] = None,
+        subset: int | None = None,
         seed: int = 0,
         in_chans: int = 3,
         with_masks: bool = False,

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from dense_fixtures import COCO_CATEGORY_IDS, GARMENTS, coco_mask, make_coco
 from hydra import compose, initialize_config_dir
+from PIL import Image
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 
 from chanzoo.configs import CONFIG_DIR

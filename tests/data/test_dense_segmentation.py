@@ -106,8 +106,8 @@ def test_ade20k_reduce_zero_label(ade: dict) -> None:
     assert images.shape == (2, 3, 64, 64) and set(masks.unique().tolist()) <= set(range(150)) | {255}
 
 
-def test_label_beyond_the_classes_names_the_file(voc: tuple[Path, dict], ade: dict, tmp_path: Path) -> None:
-    root, info = voc
+def test_label_beyond_the_classes_names_the_file(voc: tuple[Path, dict], tmp_path: Path) -> None:
+    _, info = voc
     copy = tmp_path / "voc"
     make_voc(copy)
     name = info["names"]["val"][1]
