@@ -24,7 +24,20 @@ from pycocotools import mask as mask_utils
 from chanzoo.data.make_fashion_paste import compose_image, mask_annotation, voc_palette
 from chanzoo.data.voc import VOC_CLASSES
 
-# COCO's ids are sparse; the fixture uses sparse ids too, so the mapping to contiguous labels is exercised.
+# COCO 2017's 80 categories with their sparse ids, as instances_*2017.json lists them.
+COCO_CATEGORIES = dict(zip(
+    (*range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70, *range(72, 83), *range(84, 91)),
+    ("person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+     "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant",
+     "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard",
+     "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+     "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli",
+     "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet",
+     "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+     "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"),
+    strict=True,
+))
+# The COCO id each garment class (0..9) is annotated as: sparse, so the mapping to contiguous labels is exercised.
 COCO_CATEGORY_IDS = (1, 3, 7, 8, 13, 22, 35, 46, 70, 90)
 GARMENTS = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 SIZES = ((120, 160), (144, 128), (128, 128), (160, 136))  # (height, width), portrait and landscape
@@ -71,8 +84,11 @@ def _save_index_png(path: Path, labels: np.ndarray, palette: bool = True) -> Non
     img.save(path)
 
 
-def make_coco(root: Path, num_train: int = 4, num_val: int = 3, seed: int = 0) -> dict[str, Any]:
-    """COCO 2017 layout with sparse category ids, crowd regions and the reference code's corner cases.
+def make_coco(root: Path, num_train: int = 4, num_val: int = 3, seed: int = 0, coco80: bool = True) -> dict[str, Any]:
+    """COCO 2017 layout with crowd regions and the reference code's corner cases.
+
+    The categories are COCO's 80 (``coco80``, so ``data=coco`` composes unchanged) or only the 10 used, named after
+    the garments; either way garment class c is annotated with the sparse COCO id ``COCO_CATEGORY_IDS[c]``.
 
     train2017 adds an image with no annotation and one whose only box is 1 px wide (both dropped in training);
     the first image of each split has a crowd region (uncompressed RLE, as COCO stores crowds) and a polygon
@@ -80,9 +96,9 @@ def make_coco(root: Path, num_train: int = 4, num_val: int = 3, seed: int = 0) -
     """
     root = Path(root)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
-    categories = [{"id": cid, "name": name, "supercategory": "garment"}
-                  for cid, name in zip(COCO_CATEGORY_IDS, GARMENTS)]
-    info: dict[str, Any] = {"category_ids": list(COCO_CATEGORY_IDS), "class_names": list(GARMENTS)}
+    names = COCO_CATEGORIES if coco80 else dict(zip(COCO_CATEGORY_IDS, GARMENTS))
+    categories = [{"id": cid, "name": name, "supercategory": "thing"} for cid, name in names.items()]
+    info: dict[str, Any] = {"category_ids": list(names), "class_names": list(names.values())}
     ann_id = 100
     for split, count, split_seed in (("train2017", num_train, seed), ("val2017", num_val, seed + 1)):
         images, annotations = [], []

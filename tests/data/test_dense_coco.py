@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dense_fixtures import COCO_CATEGORY_IDS, GARMENTS, coco_mask, make_coco
+from dense_fixtures import COCO_CATEGORIES, coco_mask, make_coco
 from hydra import compose, initialize_config_dir
 from PIL import Image
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
@@ -39,9 +39,10 @@ def test_config_composes_and_reads_the_layout(coco: tuple[Path, dict]) -> None:
     root, _ = coco
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
         cfg = compose("config", overrides=["data=coco", f"data.root={root}", "data.with_masks=true",
-                                           "data.num_classes=10", "data.num_workers=0"])
+                                           "data.num_workers=0"])
     dm = build_datamodule(cfg.data)
-    assert (dm.num_classes, dm.class_names, dm.category_ids) == (10, list(GARMENTS), list(COCO_CATEGORY_IDS))
+    assert dm.num_classes == 80 and dm.category_ids == sorted(COCO_CATEGORIES)
+    assert dm.class_names == [COCO_CATEGORIES[i] for i in sorted(COCO_CATEGORIES)]
     assert (dm.task_type, dm.in_chans, dm.with_masks) == ("detection", 3, True)
     dm.setup("fit")
     images, targets = next(iter(dm.train_dataloader()))
@@ -65,7 +66,7 @@ def test_val_targets_equal_the_annotations_crowd_kept(coco: tuple[Path, dict]) -
         assert image.shape == (3, img["height"], img["width"])
         assert int(target["image_id"]) == img["id"]
         torch.testing.assert_close(target["boxes"], torch.tensor([e[0] for e in expected], dtype=torch.float32))
-        assert target["labels"].tolist() == [COCO_CATEGORY_IDS.index(a["category_id"]) + 1 for a in anns]
+        assert target["labels"].tolist() == [info["category_ids"].index(a["category_id"]) + 1 for a in anns]
         assert target["iscrowd"].tolist() == [a["iscrowd"] for a in anns]
         assert target["area"].tolist() == [float(a["area"]) for a in anns]
         assert np.array_equal(target["masks"].numpy(), np.stack([e[1] for e in expected]))
@@ -90,7 +91,7 @@ def test_train_drops_crowd_and_images_without_usable_boxes(coco: tuple[Path, dic
 def test_matches_torchvision_coco_reader(coco: tuple[Path, dict]) -> None:
     """Boxes and masks equal torchvision's CocoDetection wrapped for transforms v2 (boxes clipped as its
     reference training code does), labels its category ids mapped to 1..K."""
-    root, _ = coco
+    root, info = coco
     dm = _module(root, with_masks=True, hflip=0.0)
     reference = wrap_dataset_for_transforms_v2(
         CocoDetection(str(root / "val2017"), str(root / "annotations/instances_val2017.json")),
@@ -102,7 +103,7 @@ def test_matches_torchvision_coco_reader(coco: tuple[Path, dict]) -> None:
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
         torch.testing.assert_close(ours["boxes"], boxes)
-        assert ours["labels"].tolist() == [COCO_CATEGORY_IDS.index(int(c)) + 1 for c in theirs["labels"]]
+        assert ours["labels"].tolist() == [info["category_ids"].index(int(c)) + 1 for c in theirs["labels"]]
         assert torch.equal(ours["masks"], theirs["masks"].as_subclass(torch.Tensor).to(torch.uint8))
         assert int(ours["image_id"]) == theirs["image_id"]
 
@@ -130,8 +131,8 @@ def test_multiscale_training_resizes_shorter_side(coco: tuple[Path, dict]) -> No
 def test_subset_and_split_checks(coco: tuple[Path, dict]) -> None:
     root, _ = coco
     assert len(_module(root, subset=1).val_set) == 1
-    with pytest.raises(ValueError, match="num_classes=80 .* lists 10 categories"):
-        COCODetectionDataModule(str(root), num_classes=80)
+    with pytest.raises(ValueError, match="num_classes=10 .* lists 80 categories"):
+        COCODetectionDataModule(str(root), num_classes=10)
     with pytest.raises(FileNotFoundError, match="instances_nope.json"):
         COCODetectionDataModule(str(root), val_split="nope")
     with pytest.raises(FileNotFoundError, match="data.root=.*missing"):
@@ -160,7 +161,7 @@ def _edit_ann(field: str, value) -> callable:
     (_edit_ann("bbox", [10, 10, -4, 20]), "negative size"),
     (_edit_ann("bbox", [500, 10, 20, 20]), "entirely outside"),
     (_edit_ann("bbox", [-40, 10, 20, 20]), "entirely outside"),
-    (_edit_ann("category_id", 4), "category_id 4 is not among the categories"),
+    (_edit_ann("category_id", 12), "category_id 12 is not among the categories"),
     (_edit_ann("segmentation", {"size": [10, 12], "counts": "PP"}), r"mask size \[10, 12\]"),
 ])
 def test_bad_annotations_name_file_and_id(tmp_path: Path, edit, message: str) -> None:

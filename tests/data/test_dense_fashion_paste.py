@@ -104,3 +104,22 @@ def test_cli_rejects_small_images(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     assert main(["--out", str(tmp_path), "--size", "64"]) == 2
     assert "size must be >= 128 pixels, got 64" in caplog.text
     assert not (tmp_path / "annotations").exists()
+
+
+def test_batches_fit_torchvision_mask_rcnn(paste: tuple[Path, dict]) -> None:
+    """The batch format is what torchvision's detectors take: a Mask R-CNN training step gives finite losses."""
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    out, _ = paste
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        cfg = compose("config", overrides=["data=fashion_paste_det", f"data.root={out}", "data.with_masks=true",
+                                           "data.num_workers=0", "data.batch_size=2"])
+    dm = build_datamodule(cfg.data)
+    dm.setup("fit")
+    images, targets = next(iter(dm.train_dataloader()))
+    torch.manual_seed(0)
+    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=dm.num_classes + 1,
+                                  min_size=128, max_size=128)
+    losses = model(images, targets)
+    assert {"loss_classifier", "loss_box_reg", "loss_mask"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
