@@ -371,6 +371,8 @@ class SegmentationDataModule(DenseDataModule):
             raise ValueError(f"ignore_index must be {IGNORE_INDEX} (the value label files use), got {ignore_index}")
         if crop_size <= 0:
             raise ValueError(f"crop_size must be positive, got {crop_size}")
+        if not 0 <= hflip <= 1:
+            raise ValueError(f"hflip must be a probability in [0, 1], got {hflip}")
         if len(ratio_range) != 2 or not 0 < ratio_range[0] <= ratio_range[1]:
             raise ValueError(f"ratio_range must be [low, high] with 0 < low <= high, got {list(ratio_range)}")
         names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
