@@ -12,6 +12,7 @@ Output (``--out``)::
     annotations/instances_{train,val,test}.json   COCO instances, category ids 1..10, RLE masks
     {train,val,test}/<id>.jpg                      images
     masks/{train,val,test}/<id>.png                index PNGs: 0 background, 1..10 garment classes, VOC palette
+    params.json                                    the arguments it was built with
 
     python -m chanzoo.data.make_fashion_paste --out data/fashion_paste [--train N --val N --test N --size 128]
 """
@@ -20,9 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from chanzoo.data.coco import COCODetectionDataModule
+from chanzoo.data.dense import SegmentationDataModule
 from chanzoo.data.fashion_mnist import CLASSES, DEFAULT_ROOT, load_fashion_mnist
 
 _logger = logging.getLogger(__name__)
@@ -59,6 +65,7 @@ PHOTOS: dict[str, dict[str, Callable[[], np.ndarray]]] = {
     "val": {n: _photo(n) for n in ("chelsea", "moon")},
     "test": {n: _photo(n) for n in ("gravel", "cell", "text", "clock")},
 }
+PARAMS_FILE = "params.json"  # the generator arguments a set was built with
 MASK_THRESHOLD = 40  # garment pixel if its (resized) Fashion-MNIST intensity exceeds this (of 255)
 
 
@@ -240,7 +247,71 @@ def make_fashion_paste(out: str | Path, train: int = 8000, val: int = 500, test:
         (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
         totals[split] = len(coco["annotations"])
         _logger.info("%s: %d images, %d objects", split, count, totals[split])
+    params = {"train": train, "val": val, "test": test, "size": size, "seed": seed}
+    (out / PARAMS_FILE).write_text(json.dumps(params, indent=1))
     return totals
+
+
+def ensure_fashion_paste(root: str | Path, generate: Mapping[str, int] | None) -> Path:
+    """``root`` when it holds a fashion-paste set; otherwise, with ``generate`` (``make_fashion_paste``'s
+    train/val/test/size/seed), build it there first. The build goes to a temporary folder renamed into place, so
+    concurrent processes (DDP ranks) never see a half-written set; a set built with other ``generate`` values
+    raises rather than being used silently."""
+    root = Path(root).expanduser()
+    if generate is None:
+        if not (root / "annotations").is_dir():
+            raise FileNotFoundError(
+                f"fashion-paste folder {root} does not exist or holds no annotations/; build it with "
+                f"`python -m chanzoo.data.make_fashion_paste --out {root}` or set data.generate"
+            )
+        return root
+    wanted = {k: int(v) for k, v in dict(generate).items()}
+    unknown = set(wanted) - {"train", "val", "test", "size", "seed"}
+    if unknown:
+        raise ValueError(f"data.generate has unknown keys {sorted(unknown)}; allowed: train, val, test, size, seed")
+    if (root / PARAMS_FILE).is_file():
+        built = json.loads((root / PARAMS_FILE).read_text())
+        if any(built.get(k) != v for k, v in wanted.items()):
+            raise ValueError(
+                f"fashion-paste folder {root} was built with {built}, not data.generate={wanted}; delete it, "
+                "point data.root elsewhere or set data.generate to match"
+            )
+        return root
+    if root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"{root} exists but holds no fashion-paste set ({PARAMS_FILE} missing); "
+                              "point data.root at an empty or new folder")
+    _logger.info("building fashion-paste in %s (once): %s", root, wanted)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        make_fashion_paste(tmp, **wanted)
+        if root.exists():
+            root.rmdir()  # empty (checked above)
+        os.rename(tmp, root)
+    except OSError:
+        if not (root / PARAMS_FILE).is_file():  # not another process that won the race
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+class FashionPasteDetectionDataModule(COCODetectionDataModule):
+    """fashion-paste read as COCO detection / instance segmentation (splits train / val / test), built on first
+    use when ``generate`` is given (see ``ensure_fashion_paste``). Other arguments as ``COCODetectionDataModule``."""
+
+    def __init__(self, root: str = "data/fashion_paste", generate: Mapping[str, int] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(str(ensure_fashion_paste(root, generate)), **kwargs)
+
+
+class FashionPasteSegmentationDataModule(SegmentationDataModule):
+    """fashion-paste read as 11-class semantic segmentation (0 background) from its index PNGs, built on first use
+    when ``generate`` is given. Other arguments as ``SegmentationDataModule``."""
+
+    def __init__(self, root: str = "data/fashion_paste", generate: Mapping[str, int] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(str(ensure_fashion_paste(root, generate)), **kwargs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from pycocotools.coco import COCO
 
 from chanzoo.configs import CONFIG_DIR
 from chanzoo.data.fashion_mnist import CLASSES
-from chanzoo.data.make_fashion_paste import PHOTOS, main, make_fashion_paste
+from chanzoo.data.make_fashion_paste import PHOTOS, ensure_fashion_paste, main, make_fashion_paste
 from chanzoo.run import build_datamodule
 
 COUNTS = {"train": 160, "val": 30, "test": 40}
@@ -76,8 +76,9 @@ def test_both_loaders_read_it(paste: tuple[Path, dict]) -> None:
     out, data = paste
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
         det_cfg = compose("config", overrides=["data=fashion_paste_det", f"data.root={out}", "data.with_masks=true",
-                                               "data.num_workers=0", "data.hflip=0"])
-        seg_cfg = compose("config", overrides=["data=fashion_paste_seg", f"data.root={out}", "data.num_workers=0"])
+                                               "data.num_workers=0", "data.hflip=0", "data.generate=null"])
+        seg_cfg = compose("config", overrides=["data=fashion_paste_seg", f"data.root={out}", "data.num_workers=0",
+                                               "data.generate=null"])
     det = build_datamodule(det_cfg.data)
     det.setup("test")
     assert (det.num_classes, det.class_names) == (10, list(CLASSES))
@@ -113,7 +114,7 @@ def test_batches_fit_torchvision_mask_rcnn(paste: tuple[Path, dict]) -> None:
     out, _ = paste
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
         cfg = compose("config", overrides=["data=fashion_paste_det", f"data.root={out}", "data.with_masks=true",
-                                           "data.num_workers=0", "data.batch_size=2"])
+                                           "data.num_workers=0", "data.batch_size=2", "data.generate=null"])
     dm = build_datamodule(cfg.data)
     dm.setup("fit")
     images, targets = next(iter(dm.train_dataloader()))
@@ -123,3 +124,27 @@ def test_batches_fit_torchvision_mask_rcnn(paste: tuple[Path, dict]) -> None:
     losses = model(images, targets)
     assert {"loss_classifier", "loss_box_reg", "loss_mask"} <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_configs_build_the_set_on_first_use(tmp_path: Path) -> None:
+    root = tmp_path / "fp"
+    generate = "data.generate={train: 12, val: 4, test: 4, size: 128, seed: 1}"
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        det_cfg = compose("config", overrides=["data=fashion_paste_det", f"data.root={root}", generate])
+        seg_cfg = compose("config", overrides=["data=fashion_paste_seg", f"data.root={root}", generate])
+    det = build_datamodule(det_cfg.data)
+    assert json.loads((root / "params.json").read_text()) == {"train": 12, "val": 4, "test": 4, "size": 128, "seed": 1}
+    assert len(json.loads((root / "annotations" / "instances_train.json").read_text())["images"]) == 12
+    stamp = (root / "annotations" / "instances_train.json").stat().st_mtime_ns
+    seg = build_datamodule(seg_cfg.data)  # the same set, not rebuilt
+    assert (root / "annotations" / "instances_train.json").stat().st_mtime_ns == stamp
+    assert (det.task_type, det.num_classes, seg.task_type, seg.num_classes) == ("detection", 10, "segmentation", 11)
+    assert [p.name for p in tmp_path.iterdir()] == ["fp"]  # no temporary folder left behind
+    with pytest.raises(ValueError, match=f"{root} was built with .* not data.generate="):
+        ensure_fashion_paste(root, {"train": 13, "val": 4, "test": 4, "size": 128, "seed": 1})
+    with pytest.raises(FileNotFoundError, match="python -m chanzoo.data.make_fashion_paste --out"):
+        ensure_fashion_paste(tmp_path / "absent", None)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no fashion-paste set"):
+        ensure_fashion_paste(tmp_path / "other", {"train": 2})
