@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +54,12 @@ def segmentation_to_mask(segm: Any, height: int, width: int) -> np.ndarray:
     return mask_utils.decode(segm)
 
 
-def _mask_loader(segms: list[Any], height: int, width: int) -> Callable[[], np.ndarray]:
-    def load() -> np.ndarray:
-        if not segms:
-            return np.zeros((0, height, width), np.uint8)
-        return np.stack([segmentation_to_mask(s, height, width) for s in segms]).astype(np.uint8)
-    return load
+def instance_masks(record: dict[str, Any]) -> np.ndarray:
+    """The uint8 ``[N, H, W]`` masks of a record's ``segmentations``."""
+    height, width = record["height"], record["width"]
+    if not record["segmentations"]:
+        return np.zeros((0, height, width), np.uint8)
+    return np.stack([segmentation_to_mask(s, height, width) for s in record["segmentations"]]).astype(np.uint8)
 
 
 def _has_valid_annotation(anns: list[dict[str, Any]]) -> bool:
@@ -144,7 +144,7 @@ def _record(img: dict[str, Any], anns: list[dict[str, Any]], img_dir: Path, cat_
         "labels": np.array([cat_to_label[a["category_id"]] for a in kept], dtype=np.int64),
         "area": np.array([a.get("area", 0.0) for a in kept], dtype=np.float32),
         "iscrowd": np.array([a.get("iscrowd", 0) for a in kept], dtype=np.int64),
-        "masks": _mask_loader([a["segmentation"] for a in kept], height, width) if with_masks else None,
+        "segmentations": [a["segmentation"] for a in kept] if with_masks else None,
     }
 
 
@@ -218,4 +218,4 @@ class COCODetectionDataModule(DenseDataModule):
         if not records:
             raise ValueError(f"annotation file {ann_path} leaves no usable images for the {stage} stage")
         transform = detection_transform(train, self.hflip, self.train_scales, self.max_size)
-        return DetectionDataset(self.take_subset(records), transform, self.with_masks)
+        return DetectionDataset(self.take_subset(records), transform, instance_masks if self.with_masks else None)

@@ -77,12 +77,14 @@ class DetectionDataset(Dataset):
     """Images and validated box/mask annotations, from any source that lists them as records.
 
     Each record holds ``file`` (Path), ``image_id`` (int), ``height``/``width``, ``boxes`` (float32 ``[N, 4]`` xyxy),
-    ``labels`` (int64), ``area`` (float32), ``iscrowd`` (int64) and, for masks, ``masks``: a callable returning a
-    uint8 ``[N, H, W]`` array.
+    ``labels`` (int64), ``area`` (float32) and ``iscrowd`` (int64). With ``mask_decoder`` (a module-level function,
+    so that the dataset pickles for spawned loader workers), ``mask_decoder(record)`` gives the uint8 ``[N, H, W]``
+    instance masks, decoded when the image is loaded.
     """
 
-    def __init__(self, records: list[dict[str, Any]], transform: Callable, with_masks: bool) -> None:
-        self.records, self.transform, self.with_masks = records, transform, with_masks
+    def __init__(self, records: list[dict[str, Any]], transform: Callable,
+                 mask_decoder: Callable[[dict[str, Any]], np.ndarray] | None = None) -> None:
+        self.records, self.transform, self.mask_decoder = records, transform, mask_decoder
 
     def __len__(self) -> int:
         return len(self.records)
@@ -104,8 +106,8 @@ class DetectionDataset(Dataset):
             "area": torch.as_tensor(rec["area"], dtype=torch.float32),
             "iscrowd": torch.as_tensor(rec["iscrowd"], dtype=torch.int64),
         }
-        if self.with_masks:
-            target["masks"] = tv_tensors.Mask(torch.from_numpy(rec["masks"]()))
+        if self.mask_decoder is not None:
+            target["masks"] = tv_tensors.Mask(torch.from_numpy(self.mask_decoder(rec)))
         image, target = self.transform(tv_tensors.Image(F.pil_to_tensor(img)), target)
         target = {k: v.as_subclass(torch.Tensor) for k, v in target.items()}
         return image.as_subclass(torch.Tensor), target

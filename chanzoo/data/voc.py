@@ -179,9 +179,9 @@ class VOCDetectionDataModule(DenseDataModule):
                     "file": file, "image_id": len(records), "height": ann["height"], "width": ann["width"],
                     "boxes": boxes, "labels": ann["labels"][keep],
                     "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
-                    "iscrowd": ann["difficult"][keep], "masks": None,
+                    "iscrowd": ann["difficult"][keep],
                 })
         if not records:
             raise ValueError(f"the {stage} sets {self.sets[stage]} hold no usable images in {self.devkit}")
-        return DetectionDataset(self.take_subset(records), detection_transform(train, self.hflip, self.train_scales,
-                                                                                self.max_size), with_masks=False)
+        transform = detection_transform(train, self.hflip, self.train_scales, self.max_size)
+        return DetectionDataset(self.take_subset(records), transform)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +190,11 @@ def test_missing_and_mismatched_image_files(tmp_path: Path) -> None:
     dm = _module(root)
     with pytest.raises(ValueError, match=f"{second['file_name']} is {second['width'] + 8}x{second['height']} but"):
         dm.val_set[0]
+
+
+def test_datasets_pickle_for_spawned_workers(coco: tuple[Path, dict]) -> None:
+    root, _ = coco
+    dm = _module(root, with_masks=True, hflip=0.0)
+    copy = pickle.loads(pickle.dumps(dm.val_set))
+    (image_a, target_a), (image_b, target_b) = dm.val_set[0], copy[0]
+    assert torch.equal(image_a, image_b) and torch.equal(target_a["masks"], target_b["masks"])
