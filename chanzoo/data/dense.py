@@ -327,6 +327,8 @@ class SegmentationDataModule(DenseDataModule):
     random ``crop_size`` crop (image padded with 0, mask with 255), horizontal flip. Evaluation: whole images,
     ``eval_batch_size`` 1 by default; with ``eval_resize`` the image is rescaled to fit ``4*crop_size x crop_size``
     (mmseg's test pipeline) while the mask keeps its original size, so predictions must be resized to the mask.
+    Unlike mmseg's recipes, there is no photometric distortion and the crop does not re-draw crops dominated by one
+    class (``cat_max_ratio``).
 
     Args:
         root: data folder.
