@@ -1,9 +1,7 @@
 """What ``train.py`` and ``eval.py`` do, given their composed Hydra config."""
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +17,7 @@ from torch import nn
 from chanzoo.acceleration import prepare_from_config
 from chanzoo.callbacks import AtomicCheckpointIO, EpochSeed, PlotCurves
 from chanzoo.factory import create_model
+from chanzoo.io import write_json_atomic
 from chanzoo.tasks.channel_subsets import run_channel_subsets
 
 _logger = logging.getLogger(__name__)
@@ -98,9 +97,7 @@ def _trainer(cfg: DictConfig, out_dir: Path, callbacks: list[L.Callback], logger
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_json_atomic(path, payload, sort_keys=True)
 
 
 def _metrics_dict(results: list[dict[str, Any]]) -> dict[str, float]:
