@@ -268,6 +268,8 @@ def create_model(
     attn_kwargs: Optional[dict[str, Any]] = None,
     attn_position: str = "auto",
     pretrained_file: Optional[str] = None,
+    features_only: bool = False,
+    out_indices: Optional[Sequence[int]] = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Create any timm or chanzoo model by name, optionally carrying a channel module.
@@ -285,7 +287,9 @@ def create_model(
             'auto' (native where the family has a slot, else stage).
         pretrained_file: a local ``.safetensors``/``.pth`` file to load instead of downloading; torch files must
             load with ``torch.load(weights_only=True)``. Official DaViT/InceptionNeXt/ECA-Net releases are converted.
-        **kwargs: passed to the model (drop_path_rate, features_only, out_indices, ...).
+        features_only: return the feature maps of the stages (timm's ``features_only``) instead of logits.
+        out_indices: the stages ``features_only`` returns (default: all).
+        **kwargs: passed to the model (drop_path_rate, img_size, ...).
     """
     if not isinstance(model_name, str) or not timm.is_model(model_name):
         raise unknown_name_error("model", model_name, timm.list_models())
@@ -295,6 +299,10 @@ def create_model(
         kwargs["num_classes"] = num_classes
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
+    if features_only:
+        kwargs["features_only"] = True
+        if out_indices is not None:
+            kwargs["out_indices"] = tuple(out_indices)
     family = model_family(model_name)
     if pretrained_file is not None or pretrained:
         overlay = kwargs.get("pretrained_cfg_overlay")
@@ -329,8 +337,9 @@ def create_model(
         for key, value in slot.kwargs_for(_recording(factory, built) if per_stage else factory).items():
             kwargs[key] = {**kwargs[key], **value} if isinstance(kwargs.get(key), dict) else value
 
-    features_only = factory is not None and not use_native and kwargs.pop("features_only", False)
-    out_indices = kwargs.pop("out_indices", None) if features_only else None
+    # stage modules are inserted into the full model, which is then wrapped to return the stages' features
+    wrap_features = factory is not None and not use_native and kwargs.pop("features_only", False)
+    wrap_indices = kwargs.pop("out_indices", None) if wrap_features else None
     # Modules placed after construction must be in place before the weights load, so the load waits for them.
     load_later = pretrained and (placer or (use_native and bool(per_stage)))
     try:
@@ -361,10 +370,10 @@ def create_model(
     if factory is not None and not use_native:
         stages = insert_stage_attention(model, factory, per_stage, model_name)
         _logger.info("inserted channel module %r after stages %s of %s", attn, stages, model_name)
-        if features_only:
+        if wrap_features:
             from timm.models._features import FeatureGetterNet
 
-            model = FeatureGetterNet(model, out_indices=out_indices if out_indices is not None else 4)
+            model = FeatureGetterNet(model, out_indices=wrap_indices if wrap_indices is not None else 4)
     elif factory is not None:
         _logger.info("channel module %r placed in the native slot of %s", attn, model_name)
     return model
