@@ -124,7 +124,8 @@ def model_family(model: Union[str, nn.Module]) -> str:
 
 
 def _bind(factory: AttnFactory, attn_kwargs: dict[str, Any]) -> AttnFactory:
-    """A factory ``f(channels, **slot_kwargs)`` with the user's kwargs bound; slot kwargs the module lacks are dropped."""
+    """A factory ``f(channels, **slot_kwargs)`` with the user's kwargs bound; slot kwargs the module lacks are
+    dropped."""
 
     def make(channels: int, **slot_kwargs: Any) -> nn.Module:
         return factory(channels, **accepted_kwargs(factory, slot_kwargs), **attn_kwargs)

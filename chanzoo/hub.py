@@ -28,9 +28,9 @@ fields plus one of chanzoo's::
 
 ``sha256`` is removed before timm builds its ``PretrainedCfg`` and kept here (``weights_sha256('arch.tag')``).
 A download whose digest differs raises ``ChecksumMismatchError`` and the file is deleted. Downloads are written to
-a hidden temporary file in the cache folder (``chanzoo.io.atomic_open``) and renamed into place only once complete and verified, so an
-interrupted download leaves nothing a later run would trust. A file already at its final cache path was verified
-when it was written and is used without a network request.
+a hidden temporary file in the cache folder (``chanzoo.io.atomic_open``) and renamed into place only once complete
+and verified, so an interrupted download leaves nothing a later run would trust. A file already at its final cache
+path was verified when it was written and is used without a network request.
 
 Converters (timm's ``checkpoint_filter_fn(state_dict, model)`` convention) for official releases:
 

@@ -14,7 +14,15 @@ from torch import nn
 
 import chanzoo
 from chanzoo.profile import (
-    DOCS_BEGIN, DOCS_END, ProfileRow, Variant, count_flops, count_params, flop_report, profile_model, write_docs,
+    DOCS_BEGIN,
+    DOCS_END,
+    ProfileRow,
+    Variant,
+    count_flops,
+    count_params,
+    flop_report,
+    profile_model,
+    write_docs,
 )
 from support import REPO
 
