@@ -124,3 +124,16 @@ def test_a_model_config_without_a_name_is_refused() -> None:
 
 def test_configs_are_package_data() -> None:
     assert CONFIG_DIR == Path(chanzoo.__file__).parent / "configs"
+
+
+@pytest.mark.parametrize("group", ["data", "task"])
+def test_every_data_and_task_config_names_an_existing_class(group: str) -> None:
+    """A datamodule or task missing from its package's ``__init__`` fails here, naming the config file."""
+    import lightning as L
+    from hydra.utils import get_class
+
+    expected = {"data": L.LightningDataModule, "task": L.LightningModule}[group]
+    for path in sorted((CONFIG_DIR / group).glob("*.yaml")):
+        cfg = _compose("config", [f"{group}={path.stem}"])
+        target = cfg[group]._target_
+        assert issubclass(get_class(target), expected), (path.name, target)
