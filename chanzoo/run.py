@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+import chanzoo.configs  # noqa: F401  (registers the resolvers that saved run configs use)
 from chanzoo.acceleration import prepare_from_config
 from chanzoo.callbacks import AtomicCheckpointIO, EpochSeed, PlotCurves
 from chanzoo.io import write_json_atomic
