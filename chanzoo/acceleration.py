@@ -13,6 +13,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from chanzoo.factory import model_family
+
 _logger = logging.getLogger(__name__)
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -35,11 +37,6 @@ def _check_switch(name: str, value: Any) -> BoolOrAuto:
     if isinstance(value, bool):
         return value
     raise ValueError(f"{name} must be true, false or 'auto', got {value!r}")
-
-
-def model_family(model: nn.Module) -> str:
-    """The timm module a model's class comes from, e.g. 'davit' (chanzoo models: their file name)."""
-    return type(model).__module__.rsplit(".", 1)[-1]
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
@@ -157,15 +154,15 @@ def prepare_model(
     return model, applied
 
 
-def prepare_from_config(model: nn.Module, model_cfg: dict[str, Any], accelerator: str, inference: bool) -> nn.Module:
-    """``prepare_model`` with a ``model`` config's ``compile``/``compile_mode``/``channels_last`` keys, for a
-    Lightning run on ``accelerator`` ('auto'/'gpu'/'cuda' use CUDA when present); the trainer moves the model."""
+def prepare_from_config(model: nn.Module, accel_cfg: dict[str, Any], accelerator: str, inference: bool) -> nn.Module:
+    """``prepare_model`` with the ``accel`` config group's ``compile``/``compile_mode``/``channels_last`` keys, for
+    a Lightning run on ``accelerator`` ('auto'/'gpu'/'cuda' use CUDA when present); the trainer moves the model."""
     on_cuda = torch.cuda.is_available() and str(accelerator) in ("auto", "gpu", "cuda")
     model, _ = prepare_model(
         model,
-        compile=model_cfg.get("compile", False),
-        compile_mode=model_cfg.get("compile_mode"),
-        channels_last=model_cfg.get("channels_last", "auto"),
+        compile=accel_cfg.get("compile", False),
+        compile_mode=accel_cfg.get("compile_mode"),
+        channels_last=accel_cfg.get("channels_last", "auto"),
         device="cuda" if on_cuda else "cpu",
         inference=inference,
         move=False,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
 import timm
@@ -15,17 +16,38 @@ from chanzoo.channel.registry import ChannelModuleSpec, accepted_kwargs, get_cha
 _logger = logging.getLogger(__name__)
 
 AttnFactory = Callable[..., nn.Module]
+# The model kwargs that pass a channel-module factory in at construction (e.g. ResNet's block_args.attn_layer).
+AttnKwargs = Callable[[AttnFactory], dict[str, Any]]
 # Places a channel-module factory into a built model; returns the (path, channels) of every module placed.
 AttnPlacer = Callable[[nn.Module, AttnFactory], list[tuple[str, int]]]
-_NATIVE_SLOTS: dict[str, Union[Callable[[AttnFactory], dict[str, Any]], AttnPlacer]] = {}
-_SLOT_IS_PLACER: dict[str, bool] = {}
-_SLOT_INPLACE_SAFE: set[str] = set()
 ATTN_POSITIONS = ("auto", "native", "stage")
+
+
+@dataclass(frozen=True)
+class AttnSlot:
+    """The native channel-module slot of one model family (a timm module, see ``model_family``).
+
+    Exactly one of ``kwargs_for`` (construction-time kwargs) and ``place`` (put into the built model) is set.
+    ``inplace_safe``: the family's blocks never read the slot's input again, so modules that take ``inplace``
+    may scale the features in place.
+    """
+
+    family: str
+    kwargs_for: Optional[AttnKwargs] = None
+    place: Optional[AttnPlacer] = None
+    inplace_safe: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.kwargs_for is None) == (self.place is None):
+            raise TypeError(f"the attn slot of {self.family!r} takes exactly one of kwargs_for and place")
+
+
+_ATTN_SLOTS: dict[str, AttnSlot] = {}
 
 
 def register_attn_slot(
     timm_module: str,
-    kwargs_for: Optional[Callable[[AttnFactory], dict[str, Any]]] = None,
+    kwargs_for: Optional[AttnKwargs] = None,
     *,
     place: Optional[AttnPlacer] = None,
     inplace_safe: bool = False,
@@ -38,12 +60,12 @@ def register_attn_slot(
     family's blocks never read the slot's input again, so modules taking an ``inplace`` argument (SE, ECA, cSE)
     get ``inplace=True`` and scale the features in place at inference.
     """
-    if (kwargs_for is None) == (place is None):
-        raise TypeError(f"register_attn_slot({timm_module!r}) takes exactly one of kwargs_for and place")
-    _NATIVE_SLOTS[timm_module] = kwargs_for if place is None else place
-    _SLOT_IS_PLACER[timm_module] = place is not None
-    if inplace_safe:
-        _SLOT_INPLACE_SAFE.add(timm_module)
+    _ATTN_SLOTS[timm_module] = AttnSlot(timm_module, kwargs_for, place, inplace_safe)
+
+
+def attn_slot(family: str) -> Optional[AttnSlot]:
+    """The native channel-module slot registered for ``family``, or ``None``."""
+    return _ATTN_SLOTS.get(family)
 
 
 def _se_slot_channels(block: nn.Module) -> int:
@@ -88,17 +110,22 @@ def list_models(pattern: str | Sequence[str] = "", pretrained: bool = False, **k
     return timm.list_models(pattern or "", pretrained=pretrained, **kwargs)
 
 
-def _model_module(name: str) -> str:
-    """The timm module (family) that registers ``name``, e.g. 'resnet' or 'davit'."""
-    arch = timm.models.get_arch_name(name)
-    for module in timm.models.list_modules():
-        if timm.models.is_model_in_modules(arch, module):
-            return module
-    return ""
+def model_family(model: Union[str, nn.Module]) -> str:
+    """A model's family: the timm module that registers it, e.g. 'resnet' or 'davit' (for chanzoo's models, the
+    file name in ``chanzoo/models``). ``model`` is a name ('davit_tiny.msft_in1k') or a built model; a model that
+    timm's registry does not know (no ``pretrained_cfg``) is named by the module its class comes from.
+    """
+    if isinstance(model, nn.Module):
+        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        family = model_family(arch) if isinstance(arch, str) else ""
+        return family or type(model).__module__.rsplit(".", 1)[-1]
+    arch = timm.models.get_arch_name(model)
+    return next((m for m in timm.models.list_modules() if timm.models.is_model_in_modules(arch, m)), "")
 
 
 def _bind(factory: AttnFactory, attn_kwargs: dict[str, Any]) -> AttnFactory:
-    """A factory ``f(channels, **slot_kwargs)`` with the user's kwargs bound; slot kwargs the module lacks are dropped."""
+    """A factory ``f(channels, **slot_kwargs)`` with the user's kwargs bound; slot kwargs the module lacks are
+    dropped."""
 
     def make(channels: int, **slot_kwargs: Any) -> nn.Module:
         return factory(channels, **accepted_kwargs(factory, slot_kwargs), **attn_kwargs)
@@ -242,6 +269,8 @@ def create_model(
     attn_kwargs: Optional[dict[str, Any]] = None,
     attn_position: str = "auto",
     pretrained_file: Optional[str] = None,
+    features_only: bool = False,
+    out_indices: Optional[Sequence[int]] = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Create any timm or chanzoo model by name, optionally carrying a channel module.
@@ -259,7 +288,9 @@ def create_model(
             'auto' (native where the family has a slot, else stage).
         pretrained_file: a local ``.safetensors``/``.pth`` file to load instead of downloading; torch files must
             load with ``torch.load(weights_only=True)``. Official DaViT/InceptionNeXt/ECA-Net releases are converted.
-        **kwargs: passed to the model (drop_path_rate, features_only, out_indices, ...).
+        features_only: return the feature maps of the stages (timm's ``features_only``) instead of logits.
+        out_indices: the stages ``features_only`` returns (default: all).
+        **kwargs: passed to the model (drop_path_rate, img_size, ...).
     """
     if not isinstance(model_name, str) or not timm.is_model(model_name):
         raise unknown_name_error("model", model_name, timm.list_models())
@@ -269,7 +300,11 @@ def create_model(
         kwargs["num_classes"] = num_classes
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
-    family = _model_module(model_name)
+    if features_only:
+        kwargs["features_only"] = True
+        if out_indices is not None:
+            kwargs["out_indices"] = tuple(out_indices)
+    family = model_family(model_name)
     if pretrained_file is not None or pretrained:
         overlay = kwargs.get("pretrained_cfg_overlay")
         kwargs["pretrained_cfg_overlay"] = (
@@ -287,31 +322,32 @@ def create_model(
     if base_factory is None and attn_kwargs:
         raise ValueError(f"attn_kwargs={attn_kwargs!r} given without a channel module (attn={attn!r})")
 
-    slot = _NATIVE_SLOTS.get(family)
+    slot = attn_slot(family)
     use_native = base_factory is not None and slot is not None and attn_position in ("auto", "native")
-    if use_native and family in _SLOT_INPLACE_SAFE and names_kwarg(base_factory, "inplace"):
+    if use_native and slot.inplace_safe and names_kwarg(base_factory, "inplace"):
         shared_kwargs = {"inplace": True, **shared_kwargs}
     factory = None if base_factory is None else _bind(base_factory, shared_kwargs)
     if factory is not None and attn_position == "native" and slot is None:
         raise ValueError(
             f"model {model_name!r} has no native channel-attention slot (families with one: "
-            f"{sorted(_NATIVE_SLOTS)}); use attn_position='stage' to insert {attn!r} after each stage"
+            f"{sorted(_ATTN_SLOTS)}); use attn_position='stage' to insert {attn!r} after each stage"
         )
-    placer = use_native and _SLOT_IS_PLACER[family]
+    placer = use_native and slot.place is not None
     built: list[tuple[nn.Module, int]] = []  # modules a construction-time slot builds, to re-build per stage
     if use_native and not placer:
-        for key, value in slot(_recording(factory, built) if per_stage else factory).items():
+        for key, value in slot.kwargs_for(_recording(factory, built) if per_stage else factory).items():
             kwargs[key] = {**kwargs[key], **value} if isinstance(kwargs.get(key), dict) else value
 
-    features_only = factory is not None and not use_native and kwargs.pop("features_only", False)
-    out_indices = kwargs.pop("out_indices", None) if features_only else None
+    # stage modules are inserted into the full model, which is then wrapped to return the stages' features
+    wrap_features = factory is not None and not use_native and kwargs.pop("features_only", False)
+    wrap_indices = kwargs.pop("out_indices", None) if wrap_features else None
     # Modules placed after construction must be in place before the weights load, so the load waits for them.
     load_later = pretrained and (placer or (use_native and bool(per_stage)))
     try:
         model = timm.create_model(model_name, pretrained=pretrained and not load_later, **kwargs)
         if use_native:
             if placer:
-                placed = slot(model, factory)
+                placed = slot.place(model, factory)
             else:
                 paths = {id(module): name for name, module in model.named_modules()}
                 placed = [(paths[id(module)], channels) for module, channels in built]
@@ -335,10 +371,10 @@ def create_model(
     if factory is not None and not use_native:
         stages = insert_stage_attention(model, factory, per_stage, model_name)
         _logger.info("inserted channel module %r after stages %s of %s", attn, stages, model_name)
-        if features_only:
+        if wrap_features:
             from timm.models._features import FeatureGetterNet
 
-            model = FeatureGetterNet(model, out_indices=out_indices if out_indices is not None else 4)
+            model = FeatureGetterNet(model, out_indices=wrap_indices if wrap_indices is not None else 4)
     elif factory is not None:
         _logger.info("channel module %r placed in the native slot of %s", attn, model_name)
     return model

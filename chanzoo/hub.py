@@ -28,9 +28,9 @@ fields plus one of chanzoo's::
 
 ``sha256`` is removed before timm builds its ``PretrainedCfg`` and kept here (``weights_sha256('arch.tag')``).
 A download whose digest differs raises ``ChecksumMismatchError`` and the file is deleted. Downloads are written to
-a hidden temporary file in the cache folder and renamed into place only once complete and verified, so an
-interrupted download leaves nothing a later run would trust. A file already at its final cache path was verified
-when it was written and is used without a network request.
+a hidden temporary file in the cache folder (``chanzoo.io.atomic_open``) and renamed into place only once complete
+and verified, so an interrupted download leaves nothing a later run would trust. A file already at its final cache
+path was verified when it was written and is used without a network request.
 
 Converters (timm's ``checkpoint_filter_fn(state_dict, model)`` convention) for official releases:
 
@@ -51,7 +51,6 @@ import os
 import pickle
 import pickletools
 import re
-import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
@@ -62,6 +61,8 @@ import timm.models
 import torch
 from timm.models._helpers import clean_state_dict
 from timm.models._hub import hf_split
+
+from chanzoo.io import atomic_open
 
 _logger = logging.getLogger(__name__)
 
@@ -221,36 +222,27 @@ def download(
     if target.is_file():
         _logger.info("using cached weights %s", target)
         return target
-    folder.mkdir(parents=True, exist_ok=True)
     timeout = hub_timeout() if timeout is None else timeout
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=folder)
-    tmp = Path(tmp_name)
-    try:
+    try:  # atomic_open removes its temporary file on any error, KeyboardInterrupt included
         digest, size = hashlib.sha256(), 0
         request = urllib.request.Request(url, headers={"User-Agent": "chanzoo"})
         _logger.info("downloading %s to %s", url, target)
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
+        with atomic_open(target, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
             expected = response.headers.get("Content-Length")
             for chunk in iter(lambda: response.read(_CHUNK), b""):
                 out.write(chunk)
                 digest.update(chunk)
                 size += len(chunk)
-        if expected is not None and size != int(expected):
-            raise DownloadError(f"download of {url} was cut off: got {size} of {expected} bytes")
-        if sha256 is not None and digest.hexdigest() != sha256.lower():
-            raise ChecksumMismatchError(
-                f"sha256 of {url} is {digest.hexdigest()}, expected {sha256.lower()}; the file was deleted"
-            )
-        os.replace(tmp, target)
+            if expected is not None and size != int(expected):
+                raise DownloadError(f"download of {url} was cut off: got {size} of {expected} bytes")
+            if sha256 is not None and digest.hexdigest() != sha256.lower():
+                raise ChecksumMismatchError(
+                    f"sha256 of {url} is {digest.hexdigest()}, expected {sha256.lower()}; the file was deleted"
+                )
     except DownloadError:
-        tmp.unlink(missing_ok=True)
         raise
     except (OSError, http.client.HTTPException) as err:  # URLError, timeouts, refused/reset connections, IncompleteRead
-        tmp.unlink(missing_ok=True)
         raise DownloadError(f"could not download {url} ({type(err).__name__}: {err}); {_LOCAL_FILE_HINT}") from err
-    except BaseException:  # KeyboardInterrupt, bad URL, ...: never leave the partial file behind
-        tmp.unlink(missing_ok=True)
-        raise
     return target
 
 
@@ -373,11 +365,6 @@ def ecanet_checkpoint_filter_fn(state_dict: dict[str, Any], model: torch.nn.Modu
 
 
 _CHECKPOINT_FILTERS: dict[str, CheckpointFilter] = {"resnet": ecanet_checkpoint_filter_fn}
-
-
-def register_checkpoint_filter(timm_module: str, filter_fn: CheckpointFilter) -> None:
-    """Apply ``filter_fn`` when loading weights into models of ``timm_module`` whose builder has no filter of its own."""
-    _CHECKPOINT_FILTERS[timm_module] = filter_fn
 
 
 def checkpoint_filter_for(timm_module: str) -> Optional[CheckpointFilter]:

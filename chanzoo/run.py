@@ -1,9 +1,7 @@
 """What ``train.py`` and ``eval.py`` do, given their composed Hydra config."""
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -16,9 +14,10 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+import chanzoo.configs  # noqa: F401  (registers the resolvers that saved run configs use)
 from chanzoo.acceleration import prepare_from_config
 from chanzoo.callbacks import AtomicCheckpointIO, EpochSeed, PlotCurves
-from chanzoo.factory import create_model
+from chanzoo.io import write_json_atomic
 from chanzoo.tasks.channel_subsets import run_channel_subsets
 
 _logger = logging.getLogger(__name__)
@@ -29,21 +28,27 @@ def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
+# Keys that model configs of earlier versions held and that now live in the ``accel`` group.
+_MOVED_TO_ACCEL = ("compile", "compile_mode", "channels_last")
+
+
 def build_model(model_cfg: DictConfig | dict) -> nn.Module:
-    """``chanzoo.create_model`` from a ``model`` config group."""
-    cfg = _plain(model_cfg)
-    return create_model(
-        cfg["name"],
-        pretrained=bool(cfg.get("pretrained", False)),
-        pretrained_file=cfg.get("pretrained_file"),
-        num_classes=cfg.get("num_classes"),
-        in_chans=cfg.get("in_chans"),
-        attn=cfg.get("attn"),
-        attn_kwargs=cfg.get("attn_kwargs") or None,
-        attn_position=cfg.get("attn_position", "auto"),
-        **{k: cfg[k] for k in ("features_only", "out_indices") if cfg.get(k)},  # multi-scale feature maps
-        **(cfg.get("kwargs") or {}),
-    )
+    """The model of a ``model`` config (configs/model/_base.yaml): ``hydra.utils.instantiate`` of its ``_target_``
+    with ``name`` as the model name, ``kwargs`` spread as keyword arguments and every other key as an argument.
+
+    Configs stored by older checkpoints (no ``_target_``; ``compile``/``channels_last`` keys, now the ``accel``
+    group's) are accepted: the target defaults to ``chanzoo.create_model`` and the moved keys are ignored.
+    """
+    cfg = dict(_plain(model_cfg))
+    moved = {key: cfg.pop(key) for key in _MOVED_TO_ACCEL if key in cfg}
+    if moved:
+        _logger.info("model config keys %s are ignored: acceleration is set by the accel group (accel.*)", moved)
+    cfg.setdefault("_target_", "chanzoo.create_model")
+    name = cfg.pop("name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model.name must be a timm or chanzoo model name, got {name!r}")
+    model_kwargs = cfg.pop("kwargs", None) or {}
+    return instantiate(cfg, name, _convert_="all", **model_kwargs)
 
 
 def check_channels(model: nn.Module, datamodule: L.LightningDataModule, data_name: str) -> None:
@@ -98,9 +103,7 @@ def _trainer(cfg: DictConfig, out_dir: Path, callbacks: list[L.Callback], logger
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_json_atomic(path, payload, sort_keys=True)
 
 
 def _metrics_dict(results: list[dict[str, Any]]) -> dict[str, float]:
@@ -123,7 +126,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg.data)
     model = build_model(cfg.model)
-    model = prepare_from_config(model, _plain(cfg.model), cfg.trainer.get("accelerator", "auto"), inference=False)
+    model = prepare_from_config(model, _plain(cfg.accel), cfg.trainer.get("accelerator", "auto"), inference=False)
     check_channels(model, datamodule, cfg.data.get("name", "data"))
     if hasattr(datamodule, "set_model"):
         datamodule.set_model(model)
@@ -167,7 +170,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     out_dir = _output_dir()
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = cfg.get("ckpt_path")
-    model_cfg = _plain(cfg.get("model"))
+    model_cfg = _plain(cfg.model) if cfg.get("model") and not OmegaConf.is_missing(cfg.model, "name") else None
     checkpoint = None
     if ckpt_path:
         if not Path(ckpt_path).is_file():
@@ -182,7 +185,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ValueError("eval.py needs ckpt_path=<file.ckpt> or model=<name> (e.g. model.pretrained=true)")
     datamodule = build_datamodule(cfg.data)
     model = build_model(model_cfg)
-    model = prepare_from_config(model, model_cfg, cfg.trainer.get("accelerator", "auto"), inference=True)
+    model = prepare_from_config(model, _plain(cfg.accel), cfg.trainer.get("accelerator", "auto"), inference=True)
     check_channels(model, datamodule, cfg.data.get("name", "data"))
     if hasattr(datamodule, "set_model"):
         datamodule.set_model(model)

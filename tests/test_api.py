@@ -79,3 +79,31 @@ def test_smallcnn_model_contract():
     assert [f.shape[1] for f in feats(x)] == [64, 128]
     with pytest.raises(ValueError, match=r"expects \(B, 1, H, W\) input, got shape \(2, 3, 28, 28\)"):
         model(torch.zeros(2, 3, 28, 28))
+
+
+def _declared(folder: str, pattern: str) -> dict[str, str]:
+    """name -> file for every declaration ``pattern`` matches in the package folder ``folder``."""
+    import re
+    from pathlib import Path
+
+    found = {}
+    for path in sorted((Path(chanzoo.__file__).parent / folder).glob("*.py")):
+        for name in re.findall(pattern, path.read_text()):
+            found[name] = path.name
+    return found
+
+
+def test_every_model_a_file_declares_is_registered():
+    """A model file missing from ``chanzoo/models/__init__.py`` would never register its models."""
+    declared = _declared("models", r"@register_model\s*\ndef (\w+)\(")
+    assert {"small_cnn", "vim2_nano", "rgt_s_x2", "histoformer", "channelvit_tiny_p8"} <= set(declared)
+    missing = {name: file for name, file in declared.items() if not timm.is_model(name)}
+    assert missing == {}
+
+
+def test_every_channel_module_a_file_declares_is_registered():
+    """A module file missing from ``chanzoo/channel/__init__.py`` would never register its modules."""
+    declared = _declared("channel", r"@register_channel_module\(\s*[\"'](\w+)[\"']")
+    assert {"se", "eca", "scse"} <= set(declared)
+    missing = {name: file for name, file in declared.items() if name not in chanzoo.list_channel_modules()}
+    assert missing == {}

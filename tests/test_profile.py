@@ -8,12 +8,21 @@ import subprocess
 import sys
 
 import pytest
+import timm
 import torch
 from torch import nn
 
 import chanzoo
 from chanzoo.profile import (
-    DOCS_BEGIN, DOCS_END, ProfileRow, Variant, count_flops, count_params, flop_report, profile_model, write_docs,
+    DOCS_BEGIN,
+    DOCS_END,
+    ProfileRow,
+    Variant,
+    count_flops,
+    count_params,
+    flop_report,
+    profile_model,
+    write_docs,
 )
 from support import REPO
 
@@ -103,11 +112,16 @@ def test_write_docs_replaces_only_its_block(tmp_path) -> None:
     assert (tmp_path / "plot.png").stat().st_size > 0
 
 
+TINY = ["batch_size=1", "img_size=32", "repeats=2", "warmup=1", "fvcore=false"]
+
+
+@pytest.mark.slow
 def test_entry_point_sweep_writes_csv_json_docs(tmp_path) -> None:
     docs = tmp_path / "bench.md"
     result = run_profile([
-        "models=[small_cnn]", "data.in_chans=1", "data.num_classes=10", "compile=false", "channels_last=false",
-        "repeats=2", "warmup=1", "fvcore=false", f"docs_file={docs}", f"plot_file={tmp_path / 'plot.png'}",
+        "models=[small_cnn]", "data.in_chans=1", "data.num_classes=10", "accel.compile=false",
+        "accel.channels_last=false", "repeats=2", "warmup=1", "fvcore=false", f"docs_file={docs}",
+        f"plot_file={tmp_path / 'plot.png'}",
     ], tmp_path / "runs")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "small_cnn" in result.stdout and "infer img/s" in result.stdout
@@ -116,6 +130,44 @@ def test_entry_point_sweep_writes_csv_json_docs(tmp_path) -> None:
     assert rows[0]["model"] == "small_cnn" and rows[0]["applied"]["compile"] == "off"
     assert next(csv.DictReader(open(out_dir / "profile.csv")))["variant"] == "chosen"
     assert DOCS_BEGIN in docs.read_text() and (tmp_path / "plot.png").exists()
+
+
+@pytest.mark.slow
+def test_default_sweep_writes_into_the_run_folder_and_leaves_the_docs_alone(tmp_path) -> None:
+    tracked = REPO / "docs" / "benchmarks.md"
+    before = (tracked.read_bytes(), tracked.stat().st_mtime_ns)
+    # convnext_atto has no config file: the default model config with model.name, without small_cnn's SE
+    result = run_profile(["models=[resnet18,convnext_atto]", *TINY], tmp_path / "runs")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tracked.read_bytes(), tracked.stat().st_mtime_ns) == before
+    (out_dir,) = (tmp_path / "runs" / "profile").iterdir()
+    rows = json.loads((out_dir / "profile.json").read_text())
+    expected = {name: count_params(timm.create_model(name))[0] for name in ("resnet18", "convnext_atto")}
+    assert {r["model"]: round(r["params_m"] * 1e6) for r in rows} == expected
+    table = (out_dir / "benchmarks.md").read_text()
+    assert DOCS_BEGIN in table and "| resnet18 |" in table and "| convnext_atto |" in table
+    assert (out_dir / "benchmarks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_every_name_is_checked_before_the_first_is_profiled(tmp_path) -> None:
+    result = run_profile(["models=[resnet18,unknownx,resnt50]", *TINY], tmp_path / "runs")
+    assert result.returncode != 0
+    assert "unknown model 'unknownx'" in result.stderr and "unknown model 'resnt50'" in result.stderr
+    assert "'resnet50'" in result.stderr  # the close match
+    assert "profiling resnet18" not in result.stdout + result.stderr
+    assert not list((tmp_path / "runs").rglob("profile.json"))
+
+
+@pytest.mark.slow
+def test_model_name_profiles_any_timm_model_without_a_config_file(tmp_path) -> None:
+    result = run_profile(["model.name=convnext_atto", *TINY], tmp_path / "runs")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (out_dir,) = (tmp_path / "runs" / "profile").iterdir()
+    (row,) = json.loads((out_dir / "profile.json").read_text())
+    assert row["model"] == "convnext_atto"
+    assert round(row["params_m"] * 1e6) == count_params(timm.create_model("convnext_atto"))[0]
+    assert not (out_dir / "benchmarks.md").exists()  # one model: the rows only
 
 
 def test_entry_point_rejects_bad_amp(tmp_path) -> None:

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from chanzoo.io import write_bytes_atomic
 
 _logger = logging.getLogger(__name__)
 
@@ -137,16 +139,7 @@ def save_task(model: nn.Module, path: PathLike) -> Path:
     """Write the current task's state (``task_state_dict``) to a safetensors file, atomically."""
     path = Path(path)
     state = {key: value.detach().contiguous().cpu() for key, value in task_state_dict(model).items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_bytes_atomic(path, safetensors.torch.save(state))
 
 
 def load_task(model: nn.Module, path: PathLike) -> nn.Module:

@@ -17,7 +17,6 @@ import csv
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -29,6 +28,7 @@ from torch.utils.data import Dataset
 from chanzoo.data.base import ClassificationDataModule
 from chanzoo.data.channel_sampling import drop_channels, sample_channel_subset
 from chanzoo.data.fashion_mnist import random_shift_flip
+from chanzoo.io import write_json_atomic
 
 __all__ = ["MultiChannelDataModule", "MultiChannelDataset", "load_multichannel", "read_label_csv"]
 
@@ -216,9 +216,7 @@ class MultiChannelDataModule(ClassificationDataModule):
         std[std == 0] = 1.0
         payload = {"fingerprint": fingerprint, "mean": mean.tolist(), "std": std.tolist(), "files": len(files)}
         try:
-            tmp = self.stats_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(payload, indent=2))
-            os.replace(tmp, self.stats_file)
+            write_json_atomic(self.stats_file, payload)
         except OSError as error:
             _logger.warning("could not cache channel statistics in %s (%s); they will be recomputed", self.stats_file, error)
         _logger.info("per-channel statistics of %d training files: mean %s std %s", len(files), mean, std)

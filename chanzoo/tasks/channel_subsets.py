@@ -14,7 +14,6 @@ import csv
 import inspect
 import itertools
 import logging
-import os
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -24,6 +23,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from chanzoo.data.channel_sampling import drop_channels
+from chanzoo.io import atomic_open, write_text_atomic
 
 __all__ = ["parse_subsets", "evaluate_channel_subsets", "format_subset_table", "write_subset_table", "run_channel_subsets"]
 
@@ -116,16 +116,12 @@ def write_subset_table(rows: Sequence[dict[str, Any]], out_dir: Union[str, Path]
     """Write ``channel_subsets.csv`` and ``channel_subsets.md`` into ``out_dir`` (each written whole, then renamed)."""
     out_dir = Path(out_dir)
     csv_path, md_path = out_dir / "channel_subsets.csv", out_dir / "channel_subsets.md"
-    tmp = csv_path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(csv_path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(("subset", "channels", "k", "acc1"))
         for r in rows:
             writer.writerow((r["subset"], " ".join(map(str, r["channels"])), r["k"], f"{r['acc1']:.6f}"))
-    os.replace(tmp, csv_path)
-    tmp = md_path.with_suffix(".md.tmp")
-    tmp.write_text(format_subset_table(rows) + "\n")
-    os.replace(tmp, md_path)
+    write_text_atomic(md_path, format_subset_table(rows) + "\n")
     return csv_path, md_path
 
 
