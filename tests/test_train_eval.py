@@ -58,9 +58,23 @@ def test_checkpoint_loads_with_weights_only(trained_run):
     assert ckpt["chanzoo_model_cfg"]["name"] == "small_cnn" and ckpt["epoch"] == 1
 
 
-def test_fast_dev_run(tmp_path):
+def test_fast_dev_run_sends_one_batch_through_fit_validate_and_test(tmp_path):
+    """The README's ``trainer.fast_dev_run=true``: "one batch through everything", i.e. one training step, one
+    validation batch and one test batch, each leaving its metrics in metrics.json."""
     result = run_entry("train.py", ["trainer.fast_dev_run=true"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "will run the requested loop using 1 batch(es)" in output
+    assert "`max_steps=1` reached" in output  # exactly one optimisation step
+    metrics = json.loads((only_run_dir(tmp_path, "small_cnn_fashion_mnist") / "metrics.json").read_text())
+    eval_batch = 512  # data.eval_batch_size of configs/data/fashion_mnist.yaml
+    for stage in ("val", "test"):
+        assert {f"{stage}/loss", f"{stage}/acc1", f"{stage}/acc5"} <= set(metrics), (stage, sorted(metrics))
+        for name in ("acc1", "acc5"):  # accuracies over one batch of 512 images: whole multiples of 1/512
+            correct = metrics[f"{stage}/{name}"] * eval_batch
+            assert correct == pytest.approx(round(correct), abs=1e-3) and 0 < correct < eval_batch, (stage, name)
+        assert 1.5 < metrics[f"{stage}/loss"] < 3.5  # an untrained 10-way classifier: about ln 10 = 2.30
+    assert 1.5 < metrics["train/loss"] < 3.5
 
 
 def test_bad_config_names_list_what_is_allowed(tmp_path):
