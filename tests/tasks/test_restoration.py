@@ -309,7 +309,8 @@ def test_restore_writes_each_image_of_a_folder_as_png(tmp_path, trained_x2) -> N
     for name, image in inputs.items():
         _write(tmp_path / "in" / name, image)
     cfg = OmegaConf.create({
-        "model": {"name": "rgt_s_x2", "pretrained_file": str(weights), "num_classes": 0, "in_chans": 3, "kwargs": SMALL},
+        "model": {"name": "rgt_s_x2", "pretrained_file": str(weights), "num_classes": 0, "in_chans": 3,
+                  "kwargs": SMALL},
         "input": str(tmp_path / "in"), "output": str(tmp_path / "out"), "tile": 12, "tile_overlap": 4, "device": "cpu",
         "progress": False,
     })
