@@ -34,11 +34,13 @@ def test_two_process_ddp_syncs_metrics_counts_each_sample_once_and_writes_one_ch
     # recompute in one process from the saved weights
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     model = build_model(ckpt["chanzoo_model_cfg"]).eval()
-    model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
+    weights = ckpt["state_dict"].items()
+    model.load_state_dict({k.removeprefix("model."): v for k, v in weights if k.startswith("model.")})
     dm = FashionMNISTDataModule(subset=1005, seed=0)
     dm.setup()
     rows = [r for r in csv.DictReader(open(run_dir / "metrics.csv")) if r.get("val/acc1")]
-    logged = {"val": float(rows[-1]["val/acc1"]), "test": json.loads((run_dir / "metrics.json").read_text())["test/acc1"]}
+    test_acc = json.loads((run_dir / "metrics.json").read_text())["test/acc1"]
+    logged = {"val": float(rows[-1]["val/acc1"]), "test": test_acc}
     for stage, dataset in (("val", dm.val_set), ("test", dm.test_set)):
         images, labels = dataset.tensors
         assert len(labels) == 201
