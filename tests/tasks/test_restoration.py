@@ -208,6 +208,7 @@ def _bicubic_psnr_y(task: RestorationTask, lq: torch.Tensor, gt: torch.Tensor) -
     return max(_computed(task, up, gt[None])["psnr_y"] for up in candidates)
 
 
+@pytest.mark.slow
 def test_short_training_on_real_photos_beats_bicubic() -> None:
     """A small RGT x2 trained for 800 steps on four photos beats bicubic up-sampling on a fifth, held out (Y-PSNR).
 
@@ -240,6 +241,7 @@ def test_short_training_on_real_photos_beats_bicubic() -> None:
     assert after > bicubic, f"trained RGT {after:.2f} dB <= bicubic {bicubic:.2f} dB (Y, crop 2)"
 
 
+@pytest.mark.slow
 def test_eval_py_scores_official_layout_weights_on_a_set5_folder(tmp_path) -> None:
     _benchmark_folder(tmp_path / "Set5", 2)
     model = RGT(upscale=2, embed_dim=32, num_heads=2, depth=[2], drop_path_rate=0.0)
