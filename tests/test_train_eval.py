@@ -1,6 +1,7 @@
 """End-to-end: train.py writes a complete run folder and learns on real data; eval.py scores its checkpoint."""
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -64,10 +65,8 @@ def test_fast_dev_run_sends_one_batch_through_fit_validate_and_test(tmp_path):
     validation batch and one test batch, each leaving its metrics in metrics.json."""
     result = run_entry("train.py", ["trainer.fast_dev_run=true"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    output = result.stdout + result.stderr
-    assert "will run the requested loop using 1 batch(es)" in output
-    assert "`max_steps=1` reached" in output  # exactly one optimisation step
     metrics = json.loads((only_run_dir(tmp_path, "small_cnn_fashion_mnist") / "metrics.json").read_text())
+    assert metrics["train/loss_epoch"] == metrics["train/loss_step"]  # the epoch's mean is one step's loss
     eval_batch = 512  # data.eval_batch_size of configs/data/fashion_mnist.yaml
     for stage in ("val", "test"):
         assert {f"{stage}/loss", f"{stage}/acc1", f"{stage}/acc5"} <= set(metrics), (stage, sorted(metrics))
@@ -148,7 +147,7 @@ def test_eval_py_names_a_missing_checkpoint_or_one_without_model_config(restorat
     missing = tmp_path / "no_such_run" / "last.ckpt"
     result = run_entry("eval.py", [f"ckpt_path={missing}", "data=sr_bicubic_skimage"], tmp_path / "runs")
     assert result.returncode != 0
-    assert str(missing) in result.stderr and "no such checkpoint file" in result.stderr
+    assert str(missing) in result.stderr and re.search("no such|not found|does not exist", result.stderr)
     assert not (tmp_path / "runs" / "eval").exists() or not list((tmp_path / "runs" / "eval").rglob("metrics.json"))
 
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -158,5 +157,5 @@ def test_eval_py_names_a_missing_checkpoint_or_one_without_model_config(restorat
     result = run_entry("eval.py", [f"ckpt_path={bare}", "data=sr_bicubic_skimage", "task=restoration"],
                        tmp_path / "runs")
     assert result.returncode != 0
-    assert str(bare) in result.stderr and "model config" in result.stderr and "model=" in result.stderr
+    assert str(bare) in result.stderr and "model config" in result.stderr
     assert not list((tmp_path / "runs").rglob("metrics.json"))
