@@ -90,10 +90,13 @@ def test_sigkill_during_write_leaves_previous_checkpoint_intact(tmp_path):
         "big = {'w%d' % i: torch.randn(2**20) for i in range(64)}\n"  # 256 MiB takes a while to write
         f"AtomicCheckpointIO().save_checkpoint(big, {str(path)!r})\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", writer])
+    proc = subprocess.Popen([sys.executable, "-c", writer], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not list(tmp_path.glob(".last.ckpt.*.tmp")):
+    while time.monotonic() < deadline and proc.poll() is None and not list(tmp_path.glob(".last.ckpt.*.tmp")):
         time.sleep(0.01)
+    writing = list(tmp_path.glob(".last.ckpt.*.tmp"))  # the writer got as far as its temporary file
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _, stderr = proc.communicate()
+    assert writing, f"the writer never started writing (exit code {proc.returncode}): {stderr[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL, f"the writer ended by itself before the kill: {stderr[-2000:]}"
     assert torch.load(path, weights_only=True) == {"epoch": 0}

@@ -1,5 +1,6 @@
 """Fashion-MNIST read straight from Debian's idx files."""
 import gzip
+from collections import Counter
 
 import pytest
 import torch
@@ -33,25 +34,58 @@ def test_truncated_file_is_reported(tmp_path):
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         with gzip.open(tmp_path / name, "wb") as f:
             f.write(raw[:100])
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte.gz is truncated: header says \(10000,\), found 92"):
         load_fashion_mnist(tmp_path, "test")
 
 
-def test_split_is_disjoint_and_seeded():
-    dm = FashionMNISTDataModule(subset=2000, seed=3)
+def _multiset(images: torch.Tensor, labels: torch.Tensor) -> Counter:
+    """(image bytes, label) pairs with their counts: the content of a split, whatever its order."""
+    rows = images.reshape(len(images), -1).numpy()
+    return Counter(zip((row.tobytes() for row in rows), labels.tolist()))
+
+
+@pytest.mark.parametrize("subset, sizes", [(2000, (1600, 400, 400)), (None, (55000, 5000, 10000))])
+def test_split_is_a_seeded_partition_of_the_training_file(subset, sizes):
+    """train and val together are exactly the (first ``subset``) images of the training file, each used once: no
+    image in both, none dropped; test is the test file's head; the validation draw is random and follows the seed."""
+    dm = FashionMNISTDataModule(subset=subset, seed=3)
     dm.setup()
-    assert len(dm.train_set) + len(dm.val_set) == 2000 and len(dm.val_set) == 400
-    again = FashionMNISTDataModule(subset=2000, seed=3)
+    train, val, test = dm.train_set.tensors, dm.val_set.tensors, dm.test_set.tensors
+    assert (len(train[1]), len(val[1]), len(test[1])) == sizes
+    images, labels = load_fashion_mnist(split="train")
+    n = subset or len(labels)
+    # With the sizes adding up to n, equal multisets mean a partition: no image in both splits (beyond the copies the
+    # file itself holds), none dropped, none altered, labels still with their images.
+    assert _multiset(*train) + _multiset(*val) == _multiset(images[:n], labels[:n])
+    position = {row.tobytes(): i for i, row in enumerate(images[:n].reshape(n, -1).numpy())}
+    test_images, test_labels = load_fashion_mnist(split="test")
+    assert torch.equal(test[0], test_images[: sizes[2]]) and torch.equal(test[1], test_labels[: sizes[2]])
+    # validation is a random draw over the whole range, fixed by the seed, changed by another seed
+    val_positions = sorted(position[row.tobytes()] for row in val[0].reshape(len(val[0]), -1).numpy())
+    assert val_positions[0] < n // 10 and val_positions[-1] > n - n // 10
+    again, other = FashionMNISTDataModule(subset=subset, seed=3), FashionMNISTDataModule(subset=subset, seed=4)
     again.setup()
-    assert torch.equal(dm.val_set.tensors[0], again.val_set.tensors[0])
+    other.setup()
+    assert torch.equal(again.val_set.tensors[0], val[0]) and torch.equal(again.train_set.tensors[1], train[1])
+    assert not torch.equal(other.val_set.tensors[0], val[0])
 
 
-def test_shift_flip_moves_pixels_only():
-    images = load_fashion_mnist(split="test")[0][:16].float()
-    torch.manual_seed(0)
-    shifted = random_shift_flip(images, pad=2, hflip=True)
+def test_shift_flip_moves_each_image_by_one_random_offset():
+    """Each output is its input shifted by some (dy, dx) in [-pad, pad]^2 with zero fill, then flipped or not; the
+    offsets and flips vary over the batch and follow the generator."""
+    images = load_fashion_mnist(split="test")[0][:32].float()
+    shifted = random_shift_flip(images, pad=2, hflip=True, generator=torch.Generator().manual_seed(0))
     assert shifted.shape == images.shape
-    assert not torch.equal(shifted, images)
-    # a shift by at most 2 px drops at most the border mass; no new intensities appear
-    assert set(shifted.unique().tolist()) <= set(images.unique().tolist()) | {0.0}
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    moves = []
+    for i in range(len(images)):
+        windows = {(dy, dx): padded[i, :, dy : dy + 28, dx : dx + 28] for dy in range(5) for dx in range(5)}
+        candidates = [(dy, dx, flip) for (dy, dx), window in windows.items() for flip in (False, True)
+                      if torch.equal(shifted[i], window.flip(-1) if flip else window)]
+        assert candidates, f"image {i} is not a shift (and flip) of its input"
+        moves.append(candidates[0])
+    assert len({(dy, dx) for dy, dx, _ in moves}) >= 10  # 25 offsets possible
+    assert {flip for _, _, flip in moves} == {False, True}
+    again = random_shift_flip(images, pad=2, hflip=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again, shifted)
     assert torch.equal(random_shift_flip(images, pad=0, hflip=False), images)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import chanzoo
 from chanzoo.data.image_folder import ImageFolderDataModule
@@ -30,8 +31,15 @@ def test_real_photos_load_with_model_normalisation(tmp_path, photos):
     images, labels = next(iter(dm.val_dataloader()))
     assert images.shape == (2, 3, 64, 64) and images.dtype == torch.float32
     assert labels.tolist() == [0, 0]  # class indices follow sorted folder names
-    # ImageNet mean/std from resnet18's pretrained cfg: normalised values leave [0, 1]
-    assert images.min() < 0 and images.max() > 1
+    all_labels = torch.cat([batch[1] for batch in dm.val_dataloader()])
+    assert all_labels.tolist() == [0, 0, 0, 1, 1, 1]  # every image once: astronaut (0) then coffee (1)
+    # normalised with resnet18's ImageNet mean/std: undone, the pixels are the photo's again (in [0, 1], the crop's
+    # colour balance, RGB order kept)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    pixels = images * std + mean
+    assert pixels.min() > -1e-5 and pixels.max() < 1 + 1e-5 and images.min() < 0 and images.max() > 1
+    source = torch.from_numpy(photos["astronaut"][6:90, 6:90]).permute(2, 0, 1).float() / 255  # centre 87.5%
+    torch.testing.assert_close(pixels[0].mean(dim=(1, 2)), source.mean(dim=(1, 2)), rtol=0, atol=0.015)
     train_images, _ = next(iter(dm.train_dataloader()))
     assert train_images.shape == (2, 3, 64, 64)
 

@@ -81,6 +81,14 @@ def test_random_split_without_split_column_and_string_labels(tmp_path: Path) -> 
     dm.setup()
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (13, 2, 5)
     assert dm.class_names == ["cat", "dog"] and dm.channel_names == ["a", "b"]
+    splits = [[Path(f).name for f in s.files] for s in (dm.train_set, dm.val_set, dm.test_set)]
+    assert sorted(sum(splits, [])) == sorted(f"s{i}.npy" for i in range(20))  # a partition: each file in one split
+    for split in (dm.train_set, dm.val_set, dm.test_set):  # labels stay with their files: odd i is 'cat' (0)
+        assert split.labels == [1 - int(Path(f).stem[1:]) % 2 for f in split.files]
+    again = MultiChannelDataModule(str(tmp_path), in_chans=2, num_classes=2, val_fraction=0.1, test_fraction=0.25,
+                                   channel_names=["a", "b"], seed=1)
+    again.setup()
+    assert [Path(f).name for f in again.test_set.files] != splits[2]  # a random draw, following the seed
 
 
 def write_one(root: Path, array: np.ndarray, label: str = "0", split: str = "train") -> None:

@@ -269,10 +269,15 @@ def test_allweather_recipe_lr_follows_the_official_schedule():
         assert optimizer.param_groups[0]["lr"] == pytest.approx(official, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_train_py_runs_the_allweather_recipe_on_real_photo_pairs(tmp_path):
-    """train.py with the recipe on an All-Weather-layout folder of hazed photos (tiny model, two short epochs)."""
+    """train.py with the recipe on an All-Weather-layout folder of hazed photos (tiny model, two short epochs of 60
+    steps) removes much of the haze: its validation Y-PSNR beats both the hazed input itself (what an untrained
+    model, whose output is the input plus a small residual, scores) and the untrained tiny model by over 3 dB."""
     from PIL import Image
 
+    from chanzoo.data.restoration import PairedFolderDataModule
+    from chanzoo.tasks.restoration import restoration_metrics
     from support import only_run_dir, run_entry
 
     def write(folder, name, image):
@@ -288,10 +293,25 @@ def test_train_py_runs_the_allweather_recipe_on_real_photo_pairs(tmp_path):
     tiny = [f"+model.kwargs.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in TINY.items()]
     overrides = [
         "experiment=histoformer_allweather", f"data.root={tmp_path / 'aw'}", "data.patch_size=32", "data.batch_size=2",
-        "data.num_workers=0", "sched.warmup_epochs=1", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
-        "trainer.num_sanity_val_steps=0", "trainer.accelerator=cpu", *tiny,
+        "data.dataset_enlarge_ratio=40", "data.num_workers=0", "sched.warmup_epochs=1", "trainer.max_epochs=2",
+        "trainer.enable_progress_bar=false", "trainer.num_sanity_val_steps=0", "trainer.accelerator=cpu", *tiny,
     ]
     result = run_entry("train.py", overrides, runs)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((only_run_dir(runs, "histoformer_allweather") / "metrics.json").read_text())
-    assert np.isfinite(metrics["val/psnr_y"]) and metrics["val/psnr_y"] > 5
+
+    def psnr_y(restore) -> float:  # the recipe's metric (Y, no border crop, 8-bit output) on the validation pair
+        dm = PairedFolderDataModule(val={"gt_dir": str(tmp_path / "aw/test/Test1/gt"),
+                                         "lq_dir": str(tmp_path / "aw/test/Test1/input")}, scale=1, num_workers=0)
+        dm.setup("validate")
+        lq, gt = dm.val_set[0]
+        task = RestorationTask(torch.nn.Identity(), optim={"name": "adam"}, sched={"name": "none"}, crop_border=0)
+        values = restoration_metrics()
+        with torch.no_grad():
+            task.update_metrics(values, restore(lq[None]), gt[None])
+        return float(values.compute()["psnr_y"])
+
+    hazed = psnr_y(lambda lq: lq)
+    untrained = psnr_y(_tiny())
+    assert 10.5 < hazed < 11.5  # rocket, contrast halved and a veil of 100/255: 11.05 dB
+    assert metrics["val/psnr_y"] > max(hazed, untrained) + 3.0, (metrics["val/psnr_y"], hazed, untrained)

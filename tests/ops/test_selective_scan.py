@@ -134,3 +134,26 @@ def test_mamba_ssm_backend_needs_cuda():
     inputs = {k: v for k, v in make(1, 2, 4, 2, None, False, False, False, seed=4).items() if v is not None}
     with pytest.raises(ValueError, match="mamba_ssm"):
         selective_scan(**inputs, backend="mamba_ssm")
+
+
+def test_missing_compiler_falls_back_to_eager_with_a_log_line(monkeypatch, caplog):
+    """No C++ compiler (CXX names none): the automatic choice is the eager path, said once in the log with the
+    reason, with the reference's outputs and gradients; asking for ``backend='cpp'`` is an error naming the cause."""
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    monkeypatch.setattr(ss, "_lib", None)  # as in a fresh process: nothing built or tried yet
+    monkeypatch.setattr(ss, "_lib_error", None)
+    monkeypatch.setattr(ss, "_logged", set())
+    inputs = make(2, 4, 70, 8, None, True, True, True, seed=5)
+    with caplog.at_level(logging.INFO, logger="chanzoo.ops.selective_scan"):
+        got = outputs_and_grads(selective_scan, inputs, delta_softplus=True)
+    assert available_backends() == ["reference", "eager"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("C++ kernel unavailable, using the eager path" in m and "/nonexistent/c++" in m for m in messages)
+    assert any("using the eager path" in m and "C++ kernel unavailable" in m for m in messages), messages
+    eager = outputs_and_grads(selective_scan, inputs, delta_softplus=True, backend="eager")
+    reference = outputs_and_grads(selective_scan_ref, inputs, delta_softplus=True)
+    for x, e, r in zip(got, eager, reference):
+        assert torch.equal(x, e)  # the eager path itself, bit for bit
+        assert rel_err(x, r) <= 1e-4
+    with pytest.raises(ValueError, match=r"backend='cpp' is unavailable \(no C\+\+ compiler '/nonexistent/c\+\+'"):
+        selective_scan(**inputs, backend="cpp")

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import csv
+import itertools
+import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -13,7 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from chanzoo.data.make_multichannel import build
 from chanzoo.models.channelvit import ChannelVisionTransformer
-from chanzoo.run import evaluate
+from chanzoo.data.multichannel import MultiChannelDataModule
+from chanzoo.run import build_model, evaluate
 from chanzoo.tasks.channel_subsets import evaluate_channel_subsets, parse_subsets, write_subset_table
 from chanzoo.configs import CONFIG_DIR
 
@@ -78,31 +80,55 @@ def test_subset_accuracy_of_channelvit_matches_direct_computation(tmp_path: Path
     x = torch.tensor(digits.images[:40] / 16.0, dtype=torch.float32)[:, None].repeat(1, 3, 1, 1)
     x[:, 1] = x[:, 1].flip(-1)
     y = torch.tensor(digits.target[:40] % 3)
-    rows = evaluate_channel_subsets(model, DataLoader(TensorDataset(x, y), batch_size=16), [(2,), (0, 1)], ["a", "b", "c"])
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    rows = evaluate_channel_subsets(model, loader, [(2,), (0, 1)], ["a", "b", "c"])
     with torch.no_grad():
         direct = [(model(x[:, [2]], torch.tensor([2])).argmax(1) == y).float().mean().item(),
                   (model(x[:, [0, 1]], torch.tensor([0, 1])).argmax(1) == y).float().mean().item()]
     assert [r["acc1"] for r in rows] == pytest.approx(direct)
     csv_path, md_path = write_subset_table(rows, tmp_path)
-    assert list(csv.DictReader(open(csv_path)))[1]["subset"] == "a+b"
-    assert md_path.read_text().startswith("| subset | k | top-1 (%) |")
+    written = [(r["subset"], r["channels"], r["k"], float(r["acc1"])) for r in csv.DictReader(open(csv_path))]
+    assert written == [("c", "2", "1", pytest.approx(direct[0], abs=1e-6)),
+                       ("a+b", "0 1", "2", pytest.approx(direct[1], abs=1e-6))]
+    assert md_path.read_text().splitlines() == [
+        "| subset | k | top-1 (%) |", "|---|---|---|",
+        f"| c | 1 | {100 * direct[0]:.2f} |", f"| a+b | 2 | {100 * direct[1]:.2f} |",
+    ]
 
 
 def test_eval_with_channel_subsets_writes_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """eval.py's ``eval_channel_subsets=all`` on a checkpoint: one row per subset, each accuracy equal to that of the
+    checkpoint's model given only the subset's channels (and their ids) on the test images, computed here."""
     data_root = tmp_path / "data"
-    build(data_root, n_train=20, n_test=16)
-    monkeypatch.chdir(tmp_path)
+    build(data_root, n_train=20, n_test=48)
+    overrides = ["model=channelvit_tiny_p8", "data=multichannel", f"data.root={data_root}",
+                 "+model.kwargs.img_size=32", "+model.kwargs.depth=1", "trainer.accelerator=cpu",
+                 "trainer.enable_progress_bar=false"]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(
-            config_name="eval",
-            overrides=[
-                "model=channelvit_tiny_p8", "data=multichannel", f"data.root={data_root}", "eval_channel_subsets=all",
-                "+model.kwargs.img_size=32", "+model.kwargs.depth=1", "trainer.accelerator=cpu",
-                "trainer.enable_progress_bar=false",
-            ],
-        )
+        cfg = compose(config_name="eval", overrides=overrides)
+    torch.manual_seed(7)
+    model = build_model(cfg.model).eval()
+    ckpt = tmp_path / "channelvit.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=[*overrides, f"ckpt_path={ckpt}", "eval_channel_subsets=all"])
+    monkeypatch.chdir(tmp_path)
     evaluate(cfg)
     rows = list(csv.DictReader(open(tmp_path / "channel_subsets.csv")))
-    assert len(rows) == 15 and rows[0]["subset"] == "intensity" and rows[-1]["k"] == "4"
-    assert all(0.0 <= float(r["acc1"]) <= 1.0 for r in rows)
-    assert all(np.isclose(float(r["acc1"]) * 16, round(float(r["acc1"]) * 16), atol=1e-4) for r in rows)  # of 16
+    dm = MultiChannelDataModule(str(data_root))
+    dm.setup("test")
+    images, labels = next(iter(DataLoader(dm.test_set, batch_size=48)))
+    expected = []
+    with torch.no_grad():
+        for k in range(1, 5):
+            for subset in itertools.combinations(range(4), k):
+                index = torch.tensor(subset)
+                accuracy = (model(images[:, index], channel_ids=index).argmax(1) == labels).float().mean().item()
+                expected.append(("+".join(NAMES[i] for i in subset), " ".join(map(str, subset)), str(k), accuracy))
+    assert [(r["subset"], r["channels"], r["k"]) for r in rows] == [e[:3] for e in expected]
+    assert [float(r["acc1"]) for r in rows] == pytest.approx([e[3] for e in expected], abs=1e-6)
+    assert len({e[3] for e in expected}) >= 3  # the subsets really score differently: a row swap would show
+    payload = json.loads((tmp_path / "metrics.json").read_text())
+    assert [r["acc1"] for r in payload["channel_subsets"]] == pytest.approx([e[3] for e in expected], abs=1e-6)
+    md = (tmp_path / "channel_subsets.md").read_text().splitlines()
+    assert md[2] == f"| intensity | 1 | {100 * expected[0][3]:.2f} |" and len(md) == 2 + 15

@@ -1,8 +1,12 @@
 """Restoration task, metrics, datamodules, eval.py and chanzoo.restore on real photos (scikit-image)."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,16 +20,16 @@ from torch import nn
 
 from chanzoo.data.restoration import BicubicSRDataModule, PairedFolderDataModule, bicubic_downsample, find_pairs
 from chanzoo.models.rgt import RGT
-from chanzoo.restore import restore
+from chanzoo.restore import restore, restore_image
 from chanzoo.tasks.restoration import RestorationTask, quantize, restoration_metrics, rgb_to_y
-from support import only_run_dir, run_entry
+from support import REPO, only_run_dir, run_entry
 
 TINY = dict(embed_dim=32, num_heads=2, depth=[2], drop_path_rate=0.0)
 ADAM = {"name": "adam", "lr": 2e-3, "weight_decay": 0.0, "betas": [0.9, 0.99]}
 
 
 def _tensor(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255.0  # a writable copy
 
 
 def _task(scale: int = 2, **kwargs) -> RestorationTask:
@@ -58,7 +62,8 @@ def test_psnr_on_an_offset_pair_equals_closed_form() -> None:
 def test_ssim_on_constant_images_equals_closed_form() -> None:
     a, b = 0.3, 0.5
     c1 = 0.01**2
-    values = _computed(_task(crop_border=0, quantize_output=False), torch.full((1, 3, 32, 32), a), torch.full((1, 3, 32, 32), b))
+    task = _task(crop_border=0, quantize_output=False)
+    values = _computed(task, torch.full((1, 3, 32, 32), a), torch.full((1, 3, 32, 32), b))
     assert values["ssim"] == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), abs=1e-5)
 
 
@@ -67,7 +72,8 @@ def test_ssim_matches_scikit_image_on_real_pair() -> None:
     noisy = np.clip(gt.astype(float) + np.random.default_rng(0).normal(0, 12, gt.shape), 0, 255).astype(np.uint8)
     values = _computed(_task(crop_border=0), _tensor(noisy), _tensor(gt))
     y_gt, y_noisy = color.rgb2ycbcr(gt)[..., 0] / 255, color.rgb2ycbcr(noisy)[..., 0] / 255
-    reference = structural_similarity(y_noisy, y_gt, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0)
+    reference = structural_similarity(y_noisy, y_gt, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                      data_range=1.0)
     assert values["ssim_y"] == pytest.approx(reference, abs=1e-4)
 
 
@@ -118,27 +124,35 @@ def _write(path, image: np.ndarray) -> None:
 
 def _benchmark_folder(root, scale: int) -> None:
     """A Set5-like folder in BasicSR's layout from three real photos (HR/, LR_bicubic/X{scale}/<name>x{scale}.png)."""
-    for name, image in (("chelsea", data.chelsea()[:90, :120]), ("coffee", data.coffee()[:60, :75]), ("rocket", data.rocket()[:45, :60])):
+    crops = (("chelsea", data.chelsea()[:90, :120]), ("coffee", data.coffee()[:60, :75]),
+             ("rocket", data.rocket()[:45, :60]))
+    for name, image in crops:
         hr = image[: image.shape[0] // scale * scale, : image.shape[1] // scale * scale]
         _write(root / "HR" / f"{name}.png", hr)
         _write(root / "LR_bicubic" / f"X{scale}" / f"{name}x{scale}.png", bicubic_downsample(hr, scale))
 
 
+def _set_folders(root) -> dict[str, str]:
+    """The ``train``/``val`` entry of ``PairedFolderDataModule`` for a folder made by ``_benchmark_folder``."""
+    return {"gt_dir": str(root / "HR"), "lq_dir": str(root / "LR_bicubic" / "X{scale}"), "lq_template": "{key}x{scale}"}
+
+
 def test_paired_folders_div2k_and_raindrop_layouts(tmp_path) -> None:
     _benchmark_folder(tmp_path / "set", 3)
     pairs = find_pairs(tmp_path / "set" / "HR", tmp_path / "set" / "LR_bicubic" / "X{scale}", "{key}x{scale}", scale=3)
-    assert [(lq.name, gt.name) for lq, gt in pairs] == [("chelseax3.png", "chelsea.png"), ("coffeex3.png", "coffee.png"), ("rocketx3.png", "rocket.png")]
+    assert [(lq.name, gt.name) for lq, gt in pairs] == [
+        ("chelseax3.png", "chelsea.png"), ("coffeex3.png", "coffee.png"), ("rocketx3.png", "rocket.png")]
     _write(tmp_path / "rd" / "gt" / "0_clean.png", data.astronaut()[:40, :40])
     _write(tmp_path / "rd" / "data" / "0_rain.jpg", data.astronaut()[:40, :40])
-    assert [lq.name for lq, _ in find_pairs(tmp_path / "rd" / "gt", tmp_path / "rd" / "data", "{key}_rain", "_clean")] == ["0_rain.jpg"]
+    raindrop = find_pairs(tmp_path / "rd" / "gt", tmp_path / "rd" / "data", "{key}_rain", "_clean")
+    assert [lq.name for lq, _ in raindrop] == ["0_rain.jpg"]
     with pytest.raises(ValueError, match=r"have no LQ image.*0_clean.png -> 0_clean\.\*"):
         find_pairs(tmp_path / "rd" / "gt", tmp_path / "rd" / "data")
     with pytest.raises(ValueError, match="lq_dir='.*nowhere' is not a folder"):
         find_pairs(tmp_path / "rd" / "gt", tmp_path / "nowhere")
 
     dm = PairedFolderDataModule(
-        train={"gt_dir": str(tmp_path / "set" / "HR"), "lq_dir": str(tmp_path / "set" / "LR_bicubic" / "X{scale}"), "lq_template": "{key}x{scale}"},
-        val={"gt_dir": str(tmp_path / "set" / "HR"), "lq_dir": str(tmp_path / "set" / "LR_bicubic" / "X{scale}"), "lq_template": "{key}x{scale}"},
+        train=_set_folders(tmp_path / "set"), val=_set_folders(tmp_path / "set"),
         patch_size=12, batch_size=2, num_workers=0,
     )
     dm.set_model(RGT(upscale=3, **TINY))
@@ -173,8 +187,14 @@ def test_corrupt_image_and_bad_sources_are_named(tmp_path) -> None:
 def test_bicubic_sr_image_cache_is_configurable(cache: bool) -> None:
     dm = BicubicSRDataModule(train="skimage:camera", val="skimage:coffee", scale=2, patch_size=8, cache=cache)
     dm.setup("fit")
-    dm.train_set[0], dm.val_set[0]
+    lq, gt = dm.val_set[0]
+    dm.train_set[0]
     assert [len(s._cache) for s in (dm.train_set, dm.val_set)] == ([1, 1] if cache else [0, 0])
+    # cached or not, the same whole-image pair: coffee cut to even size, and its bicubic half
+    hr = data.coffee()[: data.coffee().shape[0] // 2 * 2, : data.coffee().shape[1] // 2 * 2]
+    torch.testing.assert_close(gt, _tensor(hr)[0], rtol=0, atol=0)
+    torch.testing.assert_close(lq, _tensor(bicubic_downsample(hr, 2))[0], rtol=0, atol=0)
+    assert [torch.equal(a, b) for a, b in zip(dm.val_set[0], (lq, gt))] == [True, True]  # a second read: the same
 
 
 def _bicubic_psnr_y(task: RestorationTask, lq: torch.Tensor, gt: torch.Tensor) -> float:
@@ -183,10 +203,12 @@ def _bicubic_psnr_y(task: RestorationTask, lq: torch.Tensor, gt: torch.Tensor) -
     scale = gt.shape[-1] // lq.shape[-1]
     lq_uint8 = (lq.permute(1, 2, 0) * 255).round().byte().numpy()  # the 8-bit LR image the datamodule made
     pil = Image.fromarray(lq_uint8).resize((gt.shape[-1], gt.shape[-2]), Image.Resampling.BICUBIC)
-    candidates = (_tensor(np.array(pil)), F.interpolate(lq[None], scale_factor=scale, mode="bicubic", align_corners=False))
+    torch_bicubic = F.interpolate(lq[None], scale_factor=scale, mode="bicubic", align_corners=False)
+    candidates = (_tensor(np.array(pil)), torch_bicubic)
     return max(_computed(task, up, gt[None])["psnr_y"] for up in candidates)
 
 
+@pytest.mark.slow
 def test_short_training_on_real_photos_beats_bicubic() -> None:
     """A small RGT x2 trained for 800 steps on four photos beats bicubic up-sampling on a fifth, held out (Y-PSNR).
 
@@ -219,14 +241,16 @@ def test_short_training_on_real_photos_beats_bicubic() -> None:
     assert after > bicubic, f"trained RGT {after:.2f} dB <= bicubic {bicubic:.2f} dB (Y, crop 2)"
 
 
+@pytest.mark.slow
 def test_eval_py_scores_official_layout_weights_on_a_set5_folder(tmp_path) -> None:
     _benchmark_folder(tmp_path / "Set5", 2)
     model = RGT(upscale=2, embed_dim=32, num_heads=2, depth=[2], drop_path_rate=0.0)
     torch.save({"params": model.state_dict()}, tmp_path / "RGT_tiny_x2.pth")
     runs = tmp_path / "runs"
     overrides = [
-        "model=rgt_s_x2", f"model.pretrained_file={tmp_path / 'RGT_tiny_x2.pth'}", "data=set5", f"data.root={tmp_path / 'Set5'}",
-        "+model.kwargs.depth=[2]", "+model.kwargs.embed_dim=32", "+model.kwargs.num_heads=2", "trainer.enable_progress_bar=false",
+        "model=rgt_s_x2", f"model.pretrained_file={tmp_path / 'RGT_tiny_x2.pth'}", "data=set5",
+        f"data.root={tmp_path / 'Set5'}", "+model.kwargs.depth=[2]", "+model.kwargs.embed_dim=32",
+        "+model.kwargs.num_heads=2", "trainer.enable_progress_bar=false",
     ]
     result = run_entry("eval.py", overrides, runs)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -235,7 +259,7 @@ def test_eval_py_scores_official_layout_weights_on_a_set5_folder(tmp_path) -> No
     # the same numbers computed here, image by image
     task = RestorationTask(model.eval(), optim=ADAM, sched={"name": "none"})
     metrics = restoration_metrics()
-    dm = PairedFolderDataModule(val={"gt_dir": str(tmp_path / "Set5" / "HR"), "lq_dir": str(tmp_path / "Set5" / "LR_bicubic" / "X{scale}"), "lq_template": "{key}x{scale}"}, scale=2, num_workers=0)
+    dm = PairedFolderDataModule(val=_set_folders(tmp_path / "Set5"), scale=2, num_workers=0)
     dm.setup("test")
     with torch.no_grad():
         for i in range(len(dm.test_set)):
@@ -246,18 +270,76 @@ def test_eval_py_scores_official_layout_weights_on_a_set5_folder(tmp_path) -> No
         assert payload["metrics"][f"test/{name}"] == pytest.approx(expected[name], abs=1e-4)
 
 
-def test_restore_writes_scaled_pngs_for_a_folder(tmp_path) -> None:
-    model = RGT(upscale=3, **TINY)
-    torch.save({"params": model.state_dict()}, tmp_path / "w.pth")
-    _write(tmp_path / "in" / "cat.png", data.chelsea()[:21, :30])
-    _write(tmp_path / "in" / "cup.jpg", data.coffee()[:17, :19])
+SMALL = dict(embed_dim=32, num_heads=2, depth=[2], split_size=[4, 16], drop_path_rate=0.0)
+
+
+@pytest.fixture(scope="module")
+def trained_x2(tmp_path_factory) -> tuple[RGT, Path]:
+    """A small RGT x2 after 60 Adam steps on bicubic pairs from two photos, and its weights in the official layout
+    (``{"params": state_dict}``): known weights whose output is an up-sampled image (17.5 dB on the test crop;
+    fresh weights: 12 dB), not saturated noise."""
+    torch.manual_seed(0)
+    model = RGT(upscale=2, **SMALL)
+    dm = BicubicSRDataModule(train=["skimage:astronaut", "skimage:coffee"], patch_size=16, batch_size=8,
+                             dataset_enlarge_ratio=240, num_workers=0)
+    dm.set_model(model)
+    dm.setup("fit")
+    optimizer = torch.optim.Adam(model.parameters(), lr=4e-3)
+    for lq, gt in itertools.islice(torch.utils.data.DataLoader(dm.train_set, batch_size=8), 60):
+        loss = (model(lq) - gt).abs().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    path = tmp_path_factory.mktemp("weights") / "rgt_small_x2.pth"
+    torch.save({"params": model.state_dict()}, path)
+    return model.eval(), path
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return 10 * math.log10(255.0**2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+
+
+@pytest.mark.slow
+def test_restore_cli_writes_what_the_given_weights_compute(tmp_path, trained_x2) -> None:
+    """``python -m chanzoo.restore`` with a weights file writes, to the 8-bit level, the image the same weights give
+    in this process; a model that ignored the file (fresh weights) would write a very different, worse image."""
+    model, weights = trained_x2
+    hr = data.chelsea()[100:164, 150:230]
+    _write(tmp_path / "cat_lr.png", bicubic_downsample(hr, 2))
+    kwargs = [f"+model.kwargs.{k}={v}" for k, v in SMALL.items()]
+    command = [sys.executable, "-m", "chanzoo.restore", "model=rgt_s_x2", f"model.pretrained_file={weights}", *kwargs,
+               f"input={tmp_path / 'cat_lr.png'}", f"output={tmp_path / 'cat_x2.png'}", "device=cpu", "progress=false"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = np.asarray(Image.open(tmp_path / "cat_x2.png"))
+    assert written.shape == hr.shape
+    expected = restore_image(model, bicubic_downsample(hr, 2), scale=2)
+    difference = np.abs(written.astype(int) - expected.astype(int))
+    assert difference.max() <= 1 and difference.mean() < 0.01  # equal up to float rounding between processes
+    torch.manual_seed(1)
+    fresh = restore_image(RGT(upscale=2, **SMALL).eval(), bicubic_downsample(hr, 2), scale=2)
+    assert np.abs(written.astype(int) - fresh.astype(int)).mean() > 10
+    assert _psnr(written, hr) > _psnr(fresh, hr) + 3, (_psnr(written, hr), _psnr(fresh, hr))
+
+
+def test_restore_writes_each_image_of_a_folder_as_png(tmp_path, trained_x2) -> None:
+    """A folder in, a folder of PNGs out (any input format), each equal to the tiled restoration of its own input."""
+    model, weights = trained_x2
+    inputs = {"cat.png": data.chelsea()[:21, :30], "cup.jpg": data.coffee()[:17, :19]}
+    for name, image in inputs.items():
+        _write(tmp_path / "in" / name, image)
     cfg = OmegaConf.create({
-        "model": {"name": "rgt_s_x3", "pretrained_file": str(tmp_path / "w.pth"), "num_classes": 0, "in_chans": 3, "kwargs": TINY},
-        "input": str(tmp_path / "in"), "output": str(tmp_path / "out"), "tile": 12, "tile_overlap": 4, "device": "cpu", "progress": False,
+        "model": {"name": "rgt_s_x2", "pretrained_file": str(weights), "num_classes": 0, "in_chans": 3,
+                  "kwargs": SMALL},
+        "input": str(tmp_path / "in"), "output": str(tmp_path / "out"), "tile": 12, "tile_overlap": 4, "device": "cpu",
+        "progress": False,
     })
     written = restore(cfg)
-    assert sorted(p.name for p in written) == ["cat.png", "cup.png"]
-    assert Image.open(tmp_path / "out" / "cat.png").size == (90, 63)
-    assert Image.open(tmp_path / "out" / "cup.png").size == (57, 51)
+    assert written == [tmp_path / "out" / "cat.png", tmp_path / "out" / "cup.png"]
+    for name, path in zip(inputs, written):
+        source = np.asarray(Image.open(tmp_path / "in" / name).convert("RGB"))  # the JPEG as decoded
+        expected = restore_image(model, source, scale=2, tile=12, tile_overlap=4)
+        assert np.abs(np.asarray(Image.open(path)).astype(int) - expected.astype(int)).max() <= 1, name
+    assert Image.open(written[0]).size == (60, 42) and Image.open(written[1]).size == (38, 34)
     with pytest.raises(ValueError, match="input='.*missing' is neither an image file nor a folder"):
         restore(OmegaConf.merge(cfg, {"input": str(tmp_path / "missing")}))
