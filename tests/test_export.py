@@ -155,6 +155,7 @@ def test_cli_writes_an_onnx_file(tmp_path):
     assert "Replaced initializer" not in result.stdout  # the ONNX optimizer's per-pass notes are silenced
 
 
+@pytest.mark.slow
 def test_cli_names_a_bad_format(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "chanzoo.export", "model=resnet18", "format=tflite"],

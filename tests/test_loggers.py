@@ -138,3 +138,19 @@ def test_logger_config_errors_name_the_entry(tmp_path):
     with pytest.raises(ValueError, match=r"interval must be >= 0 seconds, got -1"):
         IntervalProgress(-1)
     assert os.listdir(tmp_path) == []
+
+
+def test_run_folder_csv_logger_warns_only_before_replacing_metrics(tmp_path, recwarn):
+    from chanzoo.progress import RunFolderCSVLogger
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / "train.log").write_text("Hydra's job log\n")
+    logger = RunFolderCSVLogger(save_dir=str(tmp_path))
+    logger.log_metrics({"train/loss": 0.5}, step=0)
+    logger.save()
+    assert not [w for w in recwarn if "not empty" in str(w.message) or "replaced" in str(w.message)]
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert rows == [{"step": "0", "train/loss": "0.5"}]
+    with pytest.warns(UserWarning, match=r"metrics.csv exists and will be replaced"):
+        RunFolderCSVLogger(save_dir=str(tmp_path)).experiment
+    assert not (tmp_path / "metrics.csv").exists()
