@@ -138,6 +138,18 @@ def _errors(reference: torch.Tensor, output: np.ndarray | torch.Tensor) -> tuple
     return error, error / max(float(np.abs(reference).max()), 1e-12)
 
 
+def _name_batch_axis(path: Path) -> None:
+    """Call the dynamic first axis of the ONNX inputs and outputs ``batch`` (the exporter names it after its symbol)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    for value in (*proto.graph.input, *proto.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].dim_param:
+            dims[0].dim_param = "batch"
+    onnx.save(proto, str(path))
+
+
 def export_onnx(model: nn.Module, x: torch.Tensor, path: Path, name: str, dynamic_batch: bool = True,
                 opset: Optional[int] = None) -> tuple[float, float]:
     """Write ``model`` as ONNX at ``path``; returns onnxruntime's (max abs, relative) error against eager on ``x``."""
@@ -156,6 +168,8 @@ def export_onnx(model: nn.Module, x: torch.Tensor, path: Path, name: str, dynami
                           opset_version=opset, verbose=False)
     except Exception as err:
         raise ValueError(f"model {name!r} cannot be exported to onnx: {_root_cause(err)}") from err
+    if dynamic_batch:
+        _name_batch_axis(path)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     output = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():

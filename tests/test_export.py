@@ -52,6 +52,7 @@ def test_onnx_batch_axis_is_dynamic(photos, tmp_path):
     x = photo_batch(model, photos["coffee"], 64)
     export_onnx(model, x, tmp_path / "model.onnx", "resnet18")
     session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", 3, 64, 64] and session.get_outputs()[0].shape == ["batch", 10]
     five = torch.cat([x, x.flip(-1), x[:1]])
     (logits,) = session.run(None, {"input": five.numpy()})
     with torch.no_grad():
