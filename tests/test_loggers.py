@@ -9,9 +9,9 @@ import struct
 from pathlib import Path
 
 import pytest
+from support import only_run_dir, run_entry
 
 from chanzoo.progress import IntervalProgress, OneLineSummary, display_callbacks, instantiate_loggers
-from support import only_run_dir, run_entry
 
 TINY = ["data.subset=512", "data.batch_size=32", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
         "trainer.limit_test_batches=1", "sched.warmup_epochs=0", "model.compile=false"]
