@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -18,6 +18,7 @@ import chanzoo.configs  # noqa: F401  (registers the resolvers that saved run co
 from chanzoo.acceleration import prepare_from_config
 from chanzoo.callbacks import AtomicCheckpointIO, EpochSeed, PlotCurves
 from chanzoo.io import write_json_atomic
+from chanzoo.progress import display_callbacks, drop_lightning_tips, instantiate_loggers
 from chanzoo.tasks.channel_subsets import run_channel_subsets
 
 _logger = logging.getLogger(__name__)
@@ -91,11 +92,14 @@ def resolve_resume(resume: Optional[str], runs_dir: Path) -> Optional[str]:
 
 def _trainer(cfg: DictConfig, out_dir: Path, callbacks: list[L.Callback], logger: Any = None) -> L.Trainer:
     """Lightning's Trainer from the ``trainer`` group; ``deterministic=true`` makes it turn on torch's
-    deterministic algorithms."""
+    deterministic algorithms. Progress and model summary come from ``chanzoo.progress.display_callbacks``."""
+    drop_lightning_tips()
     return instantiate(
         cfg.trainer,
-        callbacks=callbacks,
-        logger=logger if logger is not None else False,
+        callbacks=callbacks + display_callbacks(cfg.trainer, callbacks, cfg.get("progress_interval", 30)),
+        enable_model_summary=False,  # display_callbacks adds the one-line summary if the trainer config asks
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        logger=logger if logger else False,
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(out_dir),
         deterministic=bool(cfg.get("deterministic")),
@@ -137,8 +141,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks += [instantiate(c) for name, c in cfg.callbacks.items() if name != "checkpoint" and c is not None]
     if cfg.get("deterministic"):
         callbacks.append(EpochSeed(cfg.seed))
-    logger = CSVLogger(save_dir=str(out_dir), name="", version="")
-    trainer = _trainer(cfg, out_dir, callbacks, logger)
+    trainer = _trainer(cfg, out_dir, callbacks, instantiate_loggers(cfg.get("logger"), out_dir))
     ckpt_path = resolve_resume(cfg.get("resume"), out_dir.parent)
 
     start = time.perf_counter()
