@@ -12,10 +12,10 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from support import REPO
 
 import chanzoo
 from chanzoo.export import example_input, export_onnx, export_pt2, export_safetensors, load_folder, load_model
+from support import REPO
 
 CLASSIFIER = {"name": "resnet18", "attn": "eca", "num_classes": 10, "in_chans": 3}
 VIT = {"name": "channelvit_tiny_p16", "num_classes": 10, "in_chans": 3, "kwargs": {"img_size": 64, "depth": 2}}

@@ -9,9 +9,9 @@ import struct
 from pathlib import Path
 
 import pytest
-from support import only_run_dir, run_entry
 
 from chanzoo.progress import IntervalProgress, OneLineSummary, display_callbacks, instantiate_loggers
+from support import only_run_dir, run_entry
 
 TINY = ["data.subset=512", "data.batch_size=32", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
         "trainer.limit_test_batches=1", "sched.warmup_epochs=0", "model.compile=false"]
@@ -152,5 +152,5 @@ def test_run_folder_csv_logger_warns_only_before_replacing_metrics(tmp_path, rec
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert rows == [{"step": "0", "train/loss": "0.5"}]
     with pytest.warns(UserWarning, match=r"metrics.csv exists and will be replaced"):
-        RunFolderCSVLogger(save_dir=str(tmp_path)).experiment
+        _ = RunFolderCSVLogger(save_dir=str(tmp_path)).experiment  # creating the writer is what warns
     assert not (tmp_path / "metrics.csv").exists()
