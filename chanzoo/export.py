@@ -1,8 +1,8 @@
 """Export a model for deployment: ``python -m chanzoo.export model=resnet18 format=onnx|pt2|safetensors``.
 
 Options (Hydra ``key=value``): ``model=<config>`` (or ``model.name=<any timm/chanzoo name>``) and/or
-``ckpt_path=<train.py .ckpt>`` (the model config stored in the checkpoint is used when ``model`` is not given), ``model.pretrained_file=<weights>``
-or ``model.pretrained=true``, ``output=<file or folder>``, ``img_size=<pixels>``, ``image=<photo to verify on>``,
+``ckpt_path=<train.py .ckpt>`` (the model config stored in the checkpoint is used when ``model`` is not given),
+``model.pretrained_file=<weights>`` or ``model.pretrained=true``, ``output=<file or folder>``, ``img_size=<pixels>``, ``image=<photo to verify on>``,
 ``tolerance=<max relative error>``.
 
 * ``onnx``: ``torch.export`` then the dynamo-based ``torch.onnx`` exporter (the TorchScript exporter is deprecated);
