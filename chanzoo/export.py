@@ -2,8 +2,8 @@
 
 Options (Hydra ``key=value``): ``model=<config>`` (or ``model.name=<any timm/chanzoo name>``) and/or
 ``ckpt_path=<train.py .ckpt>`` (the model config stored in the checkpoint is used when ``model`` is not given),
-``model.pretrained_file=<weights>`` or ``model.pretrained=true``, ``output=<file or folder>``, ``img_size=<pixels>``, ``image=<photo to verify on>``,
-``tolerance=<max relative error>``.
+``model.pretrained_file=<weights>`` or ``model.pretrained=true``, ``output=<file or folder>``,
+``img_size=<pixels>``, ``image=<photo to verify on>``, ``tolerance=<max relative error>``.
 
 * ``onnx``: ``torch.export`` then the dynamo-based ``torch.onnx`` exporter (the TorchScript exporter is deprecated);
   the file is run in onnxruntime and compared with the eager model (max abs error logged; a relative error above
