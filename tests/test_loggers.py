@@ -14,7 +14,7 @@ from chanzoo.progress import IntervalProgress, OneLineSummary, display_callbacks
 from support import only_run_dir, run_entry
 
 TINY = ["data.subset=512", "data.batch_size=32", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
-        "trainer.limit_test_batches=1", "sched.warmup_epochs=0", "model.compile=false"]
+        "trainer.limit_test_batches=1", "sched.warmup_epochs=0", "accel.compile=false"]
 NOISE = ("FLOPs", "💡 Tip", "seamless cloud", "exists and is not empty", "LeafSpec")
 
 
