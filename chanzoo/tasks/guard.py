@@ -1,0 +1,87 @@
+"""Non-finite loss and gradient handling shared by every chanzoo task.
+
+A task that mixes in ``NonFiniteGuardMixin`` (before ``L.LightningModule``) checks each training loss before its
+backward pass and the gradients before each optimizer step:
+
+- ``on_nonfinite='stop'`` (default): raise ``NonFiniteError`` naming the epoch, the step and the newest checkpoint
+  written so far, so that a diverged run ends with a non-zero exit and keeps its finite checkpoints;
+- ``on_nonfinite='skip'``: log a warning and drop the gradients of that step, so that the optimizer leaves the
+  weights as they were (the step still counts).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["NonFiniteError", "NonFiniteGuardMixin", "ON_NONFINITE", "check_on_nonfinite"]
+
+ON_NONFINITE = ("stop", "skip")
+
+
+class NonFiniteError(RuntimeError):
+    """Training met a non-finite loss or gradient (or was asked to save non-finite weights)."""
+
+
+def check_on_nonfinite(value: str) -> str:
+    """Validate the ``on_nonfinite`` switch."""
+    if value not in ON_NONFINITE:
+        raise ValueError(f"task.on_nonfinite must be one of {ON_NONFINITE}, got {value!r}")
+    return value
+
+
+def _last_checkpoint(trainer: Any) -> str:
+    callback = getattr(trainer, "checkpoint_callback", None)
+    path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+    return path or "none written yet"
+
+
+class NonFiniteGuardMixin:
+    """Stops (or skips) a training step whose loss or gradients are not finite; see the module docstring.
+
+    The mixing class sets ``self.on_nonfinite`` (through ``check_on_nonfinite``) in its ``__init__``.
+    """
+
+    on_nonfinite: str = "stop"
+    skipped_nonfinite_steps: int = 0
+    _drop_gradients: bool = False  # set by a skipped loss: the step's gradients are dropped without a second warning
+
+    def _nonfinite(self, what: str) -> None:
+        trainer = self.trainer  # type: ignore[attr-defined]
+        where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
+        if self.on_nonfinite == "skip":
+            self.skipped_nonfinite_steps += 1
+            _logger.warning("non-finite %s at %s: step skipped (%d so far; task.on_nonfinite=skip)",
+                            what, where, self.skipped_nonfinite_steps)
+            return
+        raise NonFiniteError(
+            f"non-finite {what} at {where}: training stopped. Last finite checkpoint: {_last_checkpoint(trainer)}. "
+            "Lower optim.lr (or set trainer.gradient_clip_val), check the data, or set task.on_nonfinite=skip to "
+            "skip such steps"
+        )
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        super().on_before_backward(loss)  # type: ignore[misc]
+        if not bool(torch.isfinite(loss.detach()).all()):
+            self._nonfinite(f"loss ({loss.detach().float().mean().item()})")
+            self._drop_gradients = True
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        super().on_before_optimizer_step(optimizer)  # type: ignore[misc]
+        if self._drop_gradients:
+            self._drop_gradients = False
+            optimizer.zero_grad(set_to_none=True)  # without gradients the optimizer leaves every weight as it is
+            return
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:  # type: ignore[attr-defined]
+            return  # fp16 loss scaling skips steps with inf gradients itself (and lowers its scale)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        # the largest absolute gradient entry: NaN or inf when any entry is
+        largest = torch.nn.utils.get_total_norm(grads, norm_type=float("inf"), error_if_nonfinite=False)
+        if not bool(torch.isfinite(largest)):
+            self._nonfinite("gradient")
+            optimizer.zero_grad(set_to_none=True)
