@@ -1,8 +1,17 @@
 """Evaluate a checkpoint or pretrained weights: ``python eval.py ckpt_path=... | model=... model.pretrained=true``."""
-from chanzoo.entry import hydra_entry
-from chanzoo.run import evaluate
+from omegaconf import DictConfig
 
-main = hydra_entry("eval", evaluate)
+from chanzoo.entry import hydra_entry
+
+
+def run(cfg: DictConfig) -> None:
+    """Test ``ckpt_path`` (or the model's pretrained weights) on ``data``; writes metrics.json."""
+    from chanzoo.run import evaluate
+
+    evaluate(cfg)
+
+
+main = hydra_entry("eval", run)
 
 if __name__ == "__main__":
     main()

@@ -2,11 +2,12 @@
 from omegaconf import DictConfig
 
 from chanzoo.entry import hydra_entry
-from chanzoo.run import train
 
 
 def run(cfg: DictConfig) -> float:
     """Fit, test and return the metric named by ``optimized_metric`` (for Hydra sweepers)."""
+    from chanzoo.run import train
+
     metrics = train(cfg)
     return metrics.get(cfg.get("optimized_metric", ""), 0.0)
 

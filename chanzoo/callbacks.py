@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 import time
 import uuid
@@ -15,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from chanzoo.tasks.guard import NonFiniteError
 
@@ -134,36 +135,59 @@ def _dataset_size(loader: DataLoader) -> Optional[int]:
         return None
 
 
+def _batch_size_and_drop_last(loader: DataLoader) -> tuple[Optional[int], bool]:
+    if loader.batch_size is not None:
+        return loader.batch_size, loader.drop_last
+    return getattr(loader.batch_sampler, "batch_size", None), bool(getattr(loader.batch_sampler, "drop_last", False))
+
+
+def batches_per_device(loader: DataLoader, world_size: int, shard: bool = True) -> Optional[int]:
+    """Training batches ``loader`` yields on each of ``world_size`` devices (``None`` when its data has no length).
+
+    A ``DistributedSampler`` already counts one device's share; any other sampler is sharded by Lightning when
+    ``shard`` (``Trainer(use_distributed_sampler=True)``, the default) and ``world_size > 1``.
+    """
+    size = _dataset_size(loader)
+    batch_size, drop_last = _batch_size_and_drop_last(loader)
+    if size is None or batch_size is None:
+        return None
+    if isinstance(loader.sampler, DistributedSampler):
+        per_device = len(loader.sampler)
+    else:
+        per_device = math.ceil(size / world_size) if shard and world_size > 1 else size
+    return per_device // batch_size if drop_last else math.ceil(per_device / batch_size)
+
+
 def zero_batches_message(loader: DataLoader, world_size: int) -> str:
     """Why ``loader`` yields no training batch on each of ``world_size`` devices: batch size, data size, devices."""
-    batch_size = loader.batch_size
-    if batch_size is None:
-        batch_size = getattr(loader.batch_sampler, "batch_size", None)
-    drop_last = loader.drop_last if loader.batch_sampler is None or loader.batch_size is not None else getattr(
-        loader.batch_sampler, "drop_last", False)
+    batch_size, drop_last = _batch_size_and_drop_last(loader)
     size = _dataset_size(loader)
     need = f"at least {batch_size * world_size} training samples" if batch_size else "more training samples"
     return (
         f"no training batches: batch size {batch_size} (data.batch_size, per device), {size} training samples "
-        f"(after data.subset), {world_size} device(s) (trainer.devices x trainer.num_nodes)"
-        f"{', incomplete batches dropped' if drop_last else ''}. Training needs {need}: lower data.batch_size or "
-        "the number of devices, or use more data"
+        f"(after data.subset and the validation split), {world_size} device(s) (trainer.devices x "
+        f"trainer.num_nodes){', incomplete batches dropped' if drop_last else ''}. Training needs {need}: lower "
+        "data.batch_size or the number of devices, or use more data"
     )
 
 
 class RequireTrainingBatches(L.Callback):
     """Stops a run whose training loader yields no batch (batch larger than the data, more devices than batches)
-    before its first step, with a ``ValueError`` naming batch size, data size and devices; Lightning would warn and
-    go on to test an untrained model."""
+    before any work, with a ``ValueError`` naming batch size, data size and devices; Lightning would print
+    "No training batches", skip training and go on to test an untrained model.
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.num_training_batches != 0 or trainer.limit_train_batches == 0:
+    Works with any datamodule whose training loader has a sized dataset (iterable data is not checked).
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or trainer.limit_train_batches == 0 or trainer.datamodule is None:
             return
-        loader = trainer.train_dataloader
-        loader = loader if isinstance(loader, DataLoader) else None
-        if loader is None:
-            raise ValueError(f"the training data yields no batches on {trainer.world_size} device(s)")
-        raise ValueError(zero_batches_message(loader, trainer.world_size))
+        loader = trainer.datamodule.train_dataloader()
+        if not isinstance(loader, DataLoader):
+            return
+        shard = bool(getattr(trainer._accelerator_connector, "use_distributed_sampler", True))
+        if batches_per_device(loader, trainer.world_size, shard) == 0:
+            raise ValueError(zero_batches_message(loader, trainer.world_size))
 
 
 def compiled_modules(module: torch.nn.Module) -> int:

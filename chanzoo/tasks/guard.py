@@ -34,9 +34,10 @@ def check_on_nonfinite(value: str) -> str:
 
 
 def _last_checkpoint(trainer: Any) -> str:
+    """The newest checkpoint of this run, else the one it resumed from."""
     callback = getattr(trainer, "checkpoint_callback", None)
-    path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
-    return path or "none written yet"
+    path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "") or trainer.ckpt_path
+    return str(path) if path else "none written yet"
 
 
 class NonFiniteGuardMixin:
