@@ -78,7 +78,7 @@ def unknown_override_message(cfg: DictConfig, key: str) -> Optional[str]:
     for depth, part in enumerate(parts):
         if not isinstance(node, DictConfig):
             return None  # a list index or a leaf: Hydra reports these itself
-        if part in node:
+        if part in node.keys():  # keys(): `in` alone is False for a mandatory (???) value
             node = node._get_node(part)
             node = node if isinstance(node, DictConfig) else None
             if node is None and depth < len(parts) - 1:

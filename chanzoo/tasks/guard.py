@@ -1,17 +1,17 @@
 """Non-finite loss and gradient handling shared by every chanzoo task.
 
 A task that mixes in ``NonFiniteGuardMixin`` (before ``L.LightningModule``) checks each training loss before its
-backward pass and the gradients before each optimizer step:
+backward pass, and the gradients and buffers (BatchNorm statistics) before each optimizer step:
 
 - ``on_nonfinite='stop'`` (default): raise ``NonFiniteError`` naming the epoch, the step and the newest checkpoint
   written so far, so that a diverged run ends with a non-zero exit and keeps its finite checkpoints;
-- ``on_nonfinite='skip'``: log a warning and drop the gradients of that step, so that the optimizer leaves the
-  weights as they were (the step still counts).
+- ``on_nonfinite='skip'``: log a warning, drop the gradients of that step and put back the buffers its forward pass
+  changed (BatchNorm statistics), so that the model stays as it was before the step (the step still counts).
 """
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -49,12 +49,15 @@ class NonFiniteGuardMixin:
     on_nonfinite: str = "stop"
     skipped_nonfinite_steps: int = 0
     _drop_gradients: bool = False  # set by a skipped loss: the step's gradients are dropped without a second warning
+    _saved_buffers: Optional[list[torch.Tensor]] = None  # skip mode: the buffers before this step's forward pass
 
     def _nonfinite(self, what: str) -> None:
         trainer = self.trainer  # type: ignore[attr-defined]
         where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
         if self.on_nonfinite == "skip":
             self.skipped_nonfinite_steps += 1
+            for buffer, saved in zip(self.buffers(), self._saved_buffers or []):  # type: ignore[attr-defined]
+                buffer.copy_(saved)
             _logger.warning("non-finite %s at %s: step skipped (%d so far; task.on_nonfinite=skip)",
                             what, where, self.skipped_nonfinite_steps)
             return
@@ -63,6 +66,11 @@ class NonFiniteGuardMixin:
             "Lower optim.lr (or set trainer.gradient_clip_val), check the data, or set task.on_nonfinite=skip to "
             "skip such steps"
         )
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Optional[int]:
+        if self.on_nonfinite == "skip":
+            self._saved_buffers = [b.detach().clone() for b in self.buffers()]  # type: ignore[attr-defined]
+        return super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]
 
     def on_before_backward(self, loss: torch.Tensor) -> None:
         super().on_before_backward(loss)  # type: ignore[misc]
@@ -79,10 +87,17 @@ class NonFiniteGuardMixin:
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:  # type: ignore[attr-defined]
             return  # fp16 loss scaling skips steps with inf gradients itself (and lowers its scale)
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:
-            return
-        # the largest absolute gradient entry: NaN or inf when any entry is
-        largest = torch.nn.utils.get_total_norm(grads, norm_type=float("inf"), error_if_nonfinite=False)
-        if not bool(torch.isfinite(largest)):
+        if grads and not _all_finite(grads):
             self._nonfinite("gradient")
             optimizer.zero_grad(set_to_none=True)
+            return
+        buffers = [b for b in self.buffers() if b.is_floating_point()]  # type: ignore[attr-defined]
+        if buffers and not _all_finite(buffers):  # e.g. BatchNorm statistics overflowed in this step's forward pass
+            self._nonfinite("buffer (BatchNorm statistics)")
+            optimizer.zero_grad(set_to_none=True)
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every entry of ``tensors`` is finite (their largest absolute entry is NaN or inf otherwise)."""
+    largest = torch.nn.utils.get_total_norm(tensors, norm_type=float("inf"), error_if_nonfinite=False)
+    return bool(torch.isfinite(largest))
