@@ -133,12 +133,17 @@ def hydra_entry(config_name: str, task: Callable[[DictConfig], Any]) -> Callable
     import hydra
 
     def guarded(cfg: DictConfig) -> Any:
+        from hydra.errors import InstantiationException
+
         try:
             return task(cfg)
         except Exception as err:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1" or not _is_user_error(err):
+            cause: BaseException = err
+            while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+                cause = cause.__cause__  # hydra.utils.instantiate wraps the constructor's own error
+            if os.environ.get("HYDRA_FULL_ERROR") == "1" or not _is_user_error(cause):
                 raise
-            raise _user_error_exit(err) from None
+            raise _user_error_exit(cause) from None
 
     wrapped = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)(guarded)
 

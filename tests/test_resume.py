@@ -116,7 +116,7 @@ def test_resume_last_through_train_py_picks_the_run_of_the_same_model_config(tmp
 
     resumed = run_entry("train.py", [*tiny, "trainer.max_epochs=2", "resume=last"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Restoring states from the checkpoint path at {se_last}" in resumed.stderr
+    assert f"Restoring states from the checkpoint path at {se_last}" in resumed.stdout + resumed.stderr
     [new_dir] = set((tmp_path / "small_cnn_fashion_mnist").iterdir()) - set(run_dirs)
     assert new_dir.name.endswith(run_dirs[0].name[-7:])
     last = torch.load(new_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
