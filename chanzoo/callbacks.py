@@ -232,6 +232,12 @@ class CompileTimer(L.Callback):
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self._end("validation")
 
+    def on_test_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._start("test", pl_module)
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._end("test")
+
 
 class EpochSeed(L.Callback):
     """Re-seeds every RNG at each training epoch from (seed, epoch, rank).

@@ -19,7 +19,12 @@ from torch import nn
 from chanzoo import hub
 from chanzoo.acceleration import prepare_from_config
 from chanzoo.callbacks import (
-    AtomicCheckpointIO, CompileTimer, EpochSeed, PlotCurves, RequireTrainingBatches, clean_stale_temp_files,
+    AtomicCheckpointIO,
+    CompileTimer,
+    EpochSeed,
+    PlotCurves,
+    RequireTrainingBatches,
+    clean_stale_temp_files,
 )
 from chanzoo.entry import INIT_ONLY_KEYS
 from chanzoo.factory import create_model
@@ -292,7 +297,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if checkpoint is not None:
         check_checkpoint_fits(ckpt_path, task, model_cfg, "ckpt_path")
         task.load_state_dict(checkpoint["state_dict"])
-    trainer = _trainer(cfg, out_dir, callbacks=[], logger=None)
+    trainer = _trainer(cfg, out_dir, callbacks=[CompileTimer()], logger=None)
     metrics = _metrics_dict(trainer.test(task, datamodule=datamodule))
     payload = {"metrics": metrics, "ckpt_path": ckpt_path, "model": model_cfg["name"], "data": cfg.data.get("name")}
     if cfg.get("eval_channel_subsets"):

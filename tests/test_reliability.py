@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import FASHION_MNIST, REPO, run_entry
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import chanzoo
@@ -30,7 +31,6 @@ from chanzoo.callbacks import (
     zero_batches_message,
 )
 from chanzoo.tasks.guard import NonFiniteError
-from support import FASHION_MNIST, REPO, run_entry
 
 TINY = ["data.subset=400", "data.batch_size=32", "trainer.enable_progress_bar=false", "model.compile=false"]
 
