@@ -153,6 +153,7 @@ def test_restoration_task_declares_psnr_and_config_follows_it():
 
 
 # ------------------------------------------------------------------------------------------------ command line
+@pytest.mark.slow
 def test_mistyped_key_gets_close_match_and_exit_1(tmp_path):
     result = run_entry("train.py", ["trainer.max_epoch=3"], tmp_path)
     line = _one_line_error(result)
@@ -162,6 +163,7 @@ def test_mistyped_key_gets_close_match_and_exit_1(tmp_path):
     assert "did you mean data.batch_size" in _one_line_error(result)
 
 
+@pytest.mark.slow
 def test_unwritable_run_folder_is_refused_before_any_work(tmp_path):
     result = run_entry("train.py", ["hydra.run.dir=/proc/chanzoo_run"], tmp_path)
     line = _one_line_error(result)
