@@ -14,8 +14,6 @@
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import os
 import sys
 import tempfile
@@ -23,31 +21,16 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from chanzoo.configs import CONFIG_DIR
+from chanzoo.configs import CONFIG_DIR, INIT_ONLY_KEYS, config_hash
 
-__all__ = ["hydra_entry", "unknown_override_message", "RunDirCheck", "config_hash", "check_writable_dir"]
+__all__ = [
+    "INIT_ONLY_KEYS", "RunDirCheck", "check_writable_dir", "config_hash", "hydra_entry", "unknown_override_message",
+]
 
 # errors that name what the user got wrong; anything else is a bug and keeps its traceback
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, OSError)
-# model-config keys that choose how weights start or run, not which weights a checkpoint holds
-INIT_ONLY_KEYS = frozenset({"pretrained", "pretrained_file", "compile", "compile_mode", "channels_last"})
-
-
-def config_hash(node: Any, length: int = 6) -> str:
-    """A short, stable hash of a config node (``INIT_ONLY_KEYS`` left out): tells runs of different models apart."""
-    plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-    if isinstance(plain, dict):
-        plain = {k: v for k, v in plain.items() if k not in INIT_ONLY_KEYS}
-    return hashlib.sha1(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:length]
-
-
-def _register_resolvers() -> None:
-    if not OmegaConf.has_resolver("chanzoo_hash"):
-        OmegaConf.register_new_resolver("chanzoo_hash", config_hash)
-
-
 def _lines_of_worker_error(err: BaseException) -> str:
     """The message of ``err``; for an error re-raised from a DataLoader worker, only its last line (the cause)."""
     text = str(err).strip()
@@ -148,7 +131,6 @@ def hydra_entry(config_name: str, task: Callable[[DictConfig], Any]) -> Callable
     wrapped = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)(guarded)
 
     def main() -> Any:
-        _register_resolvers()
         _check_overrides(config_name, [a for a in sys.argv[1:] if not a.startswith("-")])
         return wrapped()
 

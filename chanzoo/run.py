@@ -26,7 +26,7 @@ from chanzoo.callbacks import (
     RequireTrainingBatches,
     clean_stale_temp_files,
 )
-from chanzoo.entry import INIT_ONLY_KEYS
+from chanzoo.configs import INIT_ONLY_KEYS
 from chanzoo.factory import create_model
 from chanzoo.tasks.channel_subsets import run_channel_subsets
 

@@ -138,18 +138,20 @@ def test_weights_of_another_architecture_or_no_torch_file_are_refused(tmp_path, 
         hub.report_loaded(small, tmp_path / "notes.pth")
 
 
-def test_restoration_task_declares_psnr_and_config_follows_it():
+def test_tasks_declare_their_monitor_and_run_tags_tell_models_apart():
     from hydra import compose, initialize_config_dir
 
     from chanzoo.configs import CONFIG_DIR
-    from chanzoo.entry import _register_resolvers
 
-    _register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["model=rgt_s_x2"])
         classification = compose("config")
+        eca = compose("config", overrides=["model.attn=eca"])
+        eca_compiled = compose("config", overrides=["model.attn=eca", "model.compile=false"])
     assert cfg.callbacks.checkpoint.monitor == "val/psnr" and cfg.optimized_metric == "best/val/psnr"
     assert classification.callbacks.checkpoint.monitor == "val/acc1"
+    # run folders end in a hash of the model config: another channel module, another folder; compile does not count
+    assert len(classification.run_tag) == 7 and classification.run_tag != eca.run_tag == eca_compiled.run_tag
 
 
 # ------------------------------------------------------------------------------------------------ command line
