@@ -41,7 +41,7 @@ def _last_checkpoint(trainer: Any) -> str:
 
 
 class NonFiniteGuardMixin:
-    """Stops (or skips) a training step whose loss or gradients are not finite; see the module docstring.
+    """Stops (or skips) a training step whose loss, gradients or buffers are not finite; see the module docstring.
 
     The mixing class sets ``self.on_nonfinite`` (through ``check_on_nonfinite``) in its ``__init__``.
     """
