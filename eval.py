@@ -1,15 +1,17 @@
 """Evaluate a checkpoint or pretrained weights: ``python eval.py ckpt_path=... | model=... model.pretrained=true``."""
-import hydra
 from omegaconf import DictConfig
 
-from chanzoo.configs import CONFIG_DIR
-from chanzoo.run import evaluate
+from chanzoo.entry import hydra_entry
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> None:
+    """Test ``ckpt_path`` (or the model's pretrained weights) on ``data``; writes metrics.json."""
+    from chanzoo.run import evaluate
+
     evaluate(cfg)
 
+
+main = hydra_entry("eval", run)
 
 if __name__ == "__main__":
     main()

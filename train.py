@@ -1,16 +1,18 @@
 """Train a model: ``python train.py [model=...] [data=...] [experiment=...] [key=value ...]``."""
-import hydra
 from omegaconf import DictConfig
 
-from chanzoo.configs import CONFIG_DIR
-from chanzoo.run import train
+from chanzoo.entry import hydra_entry
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
-def main(cfg: DictConfig) -> float:
+def run(cfg: DictConfig) -> float:
+    """Fit, test and return the metric named by ``optimized_metric`` (for Hydra sweepers)."""
+    from chanzoo.run import train
+
     metrics = train(cfg)
     return metrics.get(cfg.get("optimized_metric", ""), 0.0)
 
+
+main = hydra_entry("config", run)
 
 if __name__ == "__main__":
     main()

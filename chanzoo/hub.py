@@ -144,8 +144,17 @@ def _unsafe_pickle_globals(path: Path) -> list[str]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        return _pickle_globals(path) or re.findall(r"GLOBAL ([\w.]+)", str(err)) or [type(err).__name__]
+        names = _pickle_globals(path) or re.findall(r"GLOBAL ([\w.]+)", str(err))
+        if not names:
+            raise _NotTorchFile(str(err).splitlines()[0]) from None
+        return names
+    except Exception as err:  # noqa: BLE001  (torch raises KeyError, EOFError, RuntimeError, ... on foreign bytes)
+        raise _NotTorchFile(f"{type(err).__name__}: {err}") from None
     return []
+
+
+class _NotTorchFile(Exception):
+    """A file with a torch suffix that ``torch.load`` cannot read at all."""
 
 
 def _pickle_globals(path: Path) -> list[str]:
@@ -175,7 +184,12 @@ def check_weights_file(path: PathLike, argument: str = "pretrained_file") -> Pat
     if not file.name.lower().endswith(WEIGHT_SUFFIXES):
         raise ValueError(f"{argument}={str(path)!r} has an unsupported suffix; allowed: {list(WEIGHT_SUFFIXES)}")
     if file.name.lower().endswith(TORCH_SUFFIXES):
-        unsafe = _unsafe_pickle_globals(file)
+        try:
+            unsafe = _unsafe_pickle_globals(file)
+        except _NotTorchFile as err:
+            raise ValueError(
+                f"{argument}={str(path)!r} is not a torch weights file (torch.load failed: {err})"
+            ) from None
         if unsafe:
             raise ValueError(
                 f"{argument}={str(path)!r} is refused: loading it needs arbitrary unpickling ({', '.join(unsafe)}), "
@@ -370,3 +384,50 @@ _CHECKPOINT_FILTERS: dict[str, CheckpointFilter] = {"resnet": ecanet_checkpoint_
 def checkpoint_filter_for(timm_module: str) -> Optional[CheckpointFilter]:
     """The converter chanzoo adds for ``timm_module`` (e.g. 'resnet'), or ``None``."""
     return _CHECKPOINT_FILTERS.get(timm_module)
+
+
+# ------------------------------------------------------------------------------------------------ load reports
+def read_state_dict(path: PathLike, argument: str = "pretrained_file") -> dict[str, torch.Tensor]:
+    """The tensors of a weights file (unwrapping ``state_dict``/``model``/``state_dict_ema`` as timm does); a file
+    that is not a torch or safetensors file is a ``ValueError`` naming it."""
+    file = check_weights_file(path, argument)
+    try:
+        state_dict = timm.models.load_state_dict(str(file), use_ema=True, weights_only=True)
+    except Exception as err:  # noqa: BLE001  (torch and safetensors raise many types for a foreign file)
+        raise ValueError(
+            f"{argument}={str(path)!r} is not a torch or safetensors weights file ({type(err).__name__}: {err})"
+        ) from None
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{argument}={str(path)!r} holds a {type(state_dict).__name__}, not a dict of tensors")
+    return state_dict
+
+
+def report_loaded(model: torch.nn.Module, path: PathLike, argument: str = "pretrained_file") -> tuple[int, int]:
+    """Count the tensors of ``path`` that match ``model`` by name and shape (after the family's converter) and log
+    "loaded X of Y tensors"; returns (X, Y). No match outside the classifier is a ``ValueError``: timm loads a file
+    non-strictly when the classifier is re-initialised, so weights of another architecture would otherwise load
+    nothing without a word."""
+    state_dict = read_state_dict(path, argument)
+    module = type(model).__module__.rsplit(".", 1)[-1]
+    filter_fn = checkpoint_filter_for(module) or getattr(
+        __import__("sys").modules.get(type(model).__module__), "checkpoint_filter_fn", None
+    )
+    if filter_fn is not None:
+        try:
+            state_dict = filter_fn(state_dict, model)
+        except (KeyError, RuntimeError, ValueError, IndexError, AttributeError):
+            pass  # the converter does not apply: count the file as it is
+    expected = model.state_dict()
+    matched = [k for k, v in state_dict.items() if k in expected and tuple(expected[k].shape) == tuple(v.shape)]
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or ""
+    classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    backbone = [k for k in matched if not any(c and k.startswith(c + ".") for c in classifiers)]
+    _logger.info("loaded %d of %d tensors of %s from %s", len(matched), len(expected), type(model).__name__, path)
+    if not backbone:
+        example = next(iter(state_dict), "none")
+        raise ValueError(
+            f"{argument}={str(path)!r} does not fit {type(model).__name__}: none of its {len(state_dict)} tensors "
+            f"(e.g. {example!r}) matches a backbone tensor of the model by name and shape (e.g. "
+            f"{next(iter(expected), 'none')!r}); give weights of this architecture"
+        )
+    return len(matched), len(expected)

@@ -2,6 +2,9 @@
 
 Options (Hydra ``key=value``): ``model=<config>`` and ``model.pretrained_file=<weights>`` (or ``model.pretrained=true``),
 ``tile=<pixels>`` / ``tile_overlap=<pixels>`` for tiled inference of large images, ``device=auto|cpu|cuda``.
+A model without weights (neither ``model.pretrained_file`` nor ``model.pretrained=true``) is refused unless
+``allow_random_weights=true`` says that random weights are meant. The output folder must be writable before anything
+runs.
 A folder ``input`` writes one PNG per image into the folder ``output``; a progress bar counts images (and tiles).
 """
 from __future__ import annotations
@@ -15,8 +18,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from chanzoo.configs import CONFIG_DIR
 from chanzoo.data.restoration import IMAGE_SUFFIXES, image_to_tensor, load_image, model_scale
+from chanzoo.entry import check_writable_dir, hydra_entry
 from chanzoo.ops.tiling import tiled_forward
 
 _logger = logging.getLogger(__name__)
@@ -68,11 +71,21 @@ def restore_image(
 
 def restore(cfg: Any) -> list[Path]:
     """Restore ``cfg.input`` into ``cfg.output`` with the model of ``cfg.model``; returns the files written."""
-    from chanzoo.run import build_model
+    from chanzoo.run import build_model, load_weights_report
 
+    has_weights = bool(cfg.model.get("pretrained_file")) or bool(cfg.model.get("pretrained"))
+    if not has_weights and not cfg.get("allow_random_weights", False):
+        raise ValueError(
+            f"model={cfg.model.name!r} has no weights: give model.pretrained_file=<weights.pth> (or "
+            "model.pretrained=true); set allow_random_weights=true if random weights are really meant"
+        )
     pairs = plan_files(str(cfg.input), str(cfg.output))
+    for folder in sorted({dest.parent for _, dest in pairs}):
+        check_writable_dir(folder, "output")
     device = _device(str(cfg.device))
-    model = build_model(cfg.model).eval().to(device)
+    model = build_model(cfg.model)
+    load_weights_report(dict(cfg.model), model)
+    model = model.eval().to(device)
     scale = model_scale(model)
     tile = cfg.get("tile")
     written = []
@@ -98,15 +111,12 @@ def restore(cfg: Any) -> list[Path]:
     return written
 
 
-def main() -> None:
-    """``python -m chanzoo.restore``."""
-    import hydra
+def _run(cfg: Any) -> None:
+    restore(cfg)
 
-    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="restore")
-    def run(cfg: Any) -> None:
-        restore(cfg)
 
-    run()
+main = hydra_entry("restore", _run)
+main.__doc__ = "``python -m chanzoo.restore``."
 
 
 if __name__ == "__main__":

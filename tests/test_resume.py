@@ -100,3 +100,32 @@ def test_sigkill_during_write_leaves_previous_checkpoint_intact(tmp_path):
     assert writing, f"the writer never started writing (exit code {proc.returncode}): {stderr[-2000:]}"
     assert proc.returncode == -signal.SIGKILL, f"the writer ended by itself before the kill: {stderr[-2000:]}"
     assert torch.load(path, weights_only=True) == {"epoch": 0}
+
+
+@pytest.mark.slow
+def test_resume_last_through_train_py_picks_the_run_of_the_same_model_config(tmp_path):
+    """Two runs of one network with different channel modules share runs/<run_name>/; resume=last continues the
+    one whose model config is being built, and its last.ckpt ends at the new epoch and step."""
+    tiny = ["data.subset=400", "data.batch_size=32", "test_after_fit=false", "trainer.enable_progress_bar=false"]
+    se = run_entry("train.py", [*tiny, "trainer.max_epochs=1"], tmp_path)
+    assert se.returncode == 0, se.stderr[-3000:]
+    time.sleep(1.1)  # run folders are named by the second
+    eca = run_entry("train.py", [*tiny, "trainer.max_epochs=1", "model.attn=eca"], tmp_path)
+    assert eca.returncode == 0, eca.stderr[-3000:]
+    run_dirs = sorted((tmp_path / "small_cnn_fashion_mnist").iterdir())
+    assert len(run_dirs) == 2 and run_dirs[0].name[-6:] != run_dirs[1].name[-6:]  # the folder names differ by config
+    se_last = run_dirs[0] / "checkpoints" / "last.ckpt"
+    assert torch.load(se_last, map_location="cpu", weights_only=True)["chanzoo_model_cfg"]["attn"] == "se"
+
+    resumed = run_entry("train.py", [*tiny, "trainer.max_epochs=2", "resume=last"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Restoring states from the checkpoint path at {se_last}" in resumed.stdout + resumed.stderr
+    [new_dir] = set((tmp_path / "small_cnn_fashion_mnist").iterdir()) - set(run_dirs)
+    assert new_dir.name.endswith(run_dirs[0].name[-7:])
+    last = torch.load(new_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 1 and last["global_step"] == 2 * ((400 - 80) // 32)
+
+    other = run_entry("train.py", [*tiny, "trainer.max_epochs=2", "resume=last", "model.attn=psa_s"], tmp_path)
+    assert other.returncode == 1
+    assert "resume=last but no */checkpoints/last.ckpt of this model config" in other.stderr
+    assert run_dirs[1].name in other.stderr and "Traceback" not in other.stderr

@@ -1,11 +1,32 @@
 """Shared loader logic of chanzoo's classification datamodules."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import logging
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
 
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from PIL import Image
+from tqdm import tqdm
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+
+_logger = logging.getLogger(__name__)
+
+
+def verify_images(files: Iterable[Union[str, Path]], desc: str = "verifying images") -> int:
+    """Decode every image file (``data.verify=true``), with a progress bar; the first one that does not decode is
+    a ``ValueError`` naming it. Returns how many were checked."""
+    files = list(files)
+    for file in tqdm(files, desc=desc, unit="img", mininterval=1.0):
+        try:
+            with Image.open(file) as img:
+                img.load()
+        except (OSError, ValueError, SyntaxError) as err:
+            raise ValueError(f"corrupt or unreadable image file {file}: {err}") from None
+    _logger.info("%s: all %d files decode", desc, len(files))
+    return len(files)
 
 
 class EpochSampler(DistributedSampler):
@@ -72,6 +93,9 @@ class ClassificationDataModule(L.LightningDataModule):
         if train and not isinstance(dataset, IterableDataset):  # iterable readers shard themselves
             generators = (self.loader_generator, self.augment_generator)
             sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, seed=self.seed, generators=generators)
+        elif world_size > 1 and not isinstance(dataset, IterableDataset):
+            # evaluation counts each sample once: DistributedSampler would pad the last rank with repeated samples
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,

@@ -10,7 +10,7 @@ from timm.data import ImageDataset, create_dataset, create_transform, resolve_da
 from timm.data.readers.reader_image_folder import find_images_and_targets
 from torch import nn
 
-from chanzoo.data.base import ClassificationDataModule
+from chanzoo.data.base import ClassificationDataModule, verify_images
 
 _logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class StrictImageDataset(ImageDataset):
             img = img.convert(self.input_img_mode) if self.input_img_mode else img
         except (OSError, ValueError) as err:
             name = self.reader.filename(index, absolute=True)
-            raise ValueError(f"corrupt or unreadable image file {name}: {err}") from err
+            raise ValueError(f"corrupt or unreadable image file {name}: {err}") from None
         if self.transform is not None:
             img = self.transform(img)
         return img, (-1 if target is None else target)
@@ -62,6 +62,10 @@ class ImageFolderDataModule(ClassificationDataModule):
         auto_augment: timm RandAugment/AutoAugment string, e.g. 'rand-m9-mstd0.5-inc1'; None for none.
         re_prob: random-erasing probability.
         scale/ratio: RandomResizedCrop ranges.
+        num_classes: ``None`` counts the class folders of ``train_split``; a number that differs from that count is
+            a ``ValueError``.
+        verify: decode every image of each split at setup (progress bar), so a corrupt file is named before
+            training instead of when the loader reaches it.
     """
 
     def __init__(
@@ -89,8 +93,10 @@ class ImageFolderDataModule(ClassificationDataModule):
         seed: int = 0,
         num_classes: Optional[int] = None,
         in_chans: int = 3,
+        verify: bool = False,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, seed, num_classes or 0, in_chans, img_size)
+        self.verify = verify
         if root is None or str(root) in ("", "???"):
             raise ValueError("data.root must name the data folder (e.g. data.root=/data/imagenet)")
         self.root, self.dataset = Path(root), dataset
@@ -102,8 +108,14 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.data_cfg = dict(mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation)
         self.model_data_cfg: dict[str, Any] = {}
         self.classes: list[str] = []
-        if num_classes is None and not dataset:
-            self.num_classes = len(check_image_folder(self.root / train_split))
+        if not dataset:
+            found = len(check_image_folder(self.root / train_split))
+            if num_classes is not None and num_classes != found:
+                raise ValueError(
+                    f"data.num_classes={num_classes} but {self.root / train_split} has {found} class folders; "
+                    "leave data.num_classes unset (null) to count them"
+                )
+            self.num_classes = found
 
     def set_model(self, model: nn.Module) -> None:
         """Take mean/std/crop/interpolation from the model's pretrained cfg where the config leaves them open."""
@@ -130,7 +142,10 @@ class ImageFolderDataModule(ClassificationDataModule):
             )
         self.classes = check_image_folder(self.root / split)
         _, class_to_idx = find_images_and_targets(str(self.root / self.splits["fit"]), types=IMG_EXTENSIONS)
-        return StrictImageDataset(str(self.root / split), class_map=class_to_idx, transform=transform)
+        dataset = StrictImageDataset(str(self.root / split), class_map=class_to_idx, transform=transform)
+        if self.verify:
+            verify_images((dataset.filename(i, absolute=True) for i in range(len(dataset))), f"verifying {split}")
+        return dataset
 
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit") and self.train_set is None:

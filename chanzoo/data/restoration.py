@@ -28,7 +28,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from chanzoo.data.base import ClassificationDataModule
+from chanzoo.data.base import ClassificationDataModule, verify_images
 
 _logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def load_image(source: Union[str, Path]) -> np.ndarray:
         with Image.open(source) as img:
             return _rgb(np.asarray(img.convert("RGB")), source)
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"cannot read image {source!r} ({type(err).__name__}: {err})") from err
+        raise ValueError(f"cannot read image {source!r} ({type(err).__name__}: {err})") from None
 
 
 def bicubic_downsample(image: np.ndarray, scale: int) -> np.ndarray:
@@ -348,6 +348,7 @@ class PairedFolderDataModule(_RestorationDataModule):
         patch_size: LQ side of training patches (the GT patch is ``scale`` times larger).
         augment: random flips and transposes of training patches.
         dataset_enlarge_ratio: training images are visited this many times per epoch (BasicSR's option).
+        verify: decode every GT and LQ file at setup (progress bar): a corrupt file is named before training.
     """
 
     def __init__(
@@ -367,12 +368,13 @@ class PairedFolderDataModule(_RestorationDataModule):
         num_classes: int = 0,
         in_chans: int = 3,
         img_size: Optional[int] = None,
+        verify: bool = False,
     ) -> None:
         super().__init__(
             scale, patch_size, augment, dataset_enlarge_ratio, batch_size, eval_batch_size, num_workers, seed,
             num_classes, in_chans, img_size,
         )
-        self.root = root
+        self.root, self.verify = root, verify
         if train is None and val is None and test is None:
             raise ValueError("PairedFolderDataModule needs at least one of train, val, test ({gt_dir, lq_dir})")
         self.splits = {"train": train, "val": val, "test": test}
@@ -384,10 +386,13 @@ class PairedFolderDataModule(_RestorationDataModule):
         split = self.splits[name]
         if split is None:
             return None
-        return find_pairs(
+        pairs = find_pairs(
             split["gt_dir"], split["lq_dir"], split.get("lq_template", "{key}"), split.get("gt_suffix", ""),
             self._scale(),
         )
+        if self.verify:
+            verify_images([file for pair in pairs for file in pair], f"verifying {name}")
+        return pairs
 
     def setup(self, stage: Optional[str] = None) -> None:
         scale = self._scale()

@@ -12,12 +12,13 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from chanzoo.tasks.guard import NonFiniteGuardMixin, check_on_nonfinite
 from chanzoo.tasks.optim import TimmOptimMixin
 
 _logger = logging.getLogger(__name__)
 
 
-class ClassificationTask(TimmOptimMixin, L.LightningModule):
+class ClassificationTask(NonFiniteGuardMixin, TimmOptimMixin, L.LightningModule):
     """Train and evaluate any image classifier built by ``chanzoo.create_model``.
 
     Args:
@@ -26,6 +27,8 @@ class ClassificationTask(TimmOptimMixin, L.LightningModule):
         label_smoothing: cross-entropy smoothing (ignored under mixup, whose targets are already soft).
         mixup: None, or timm ``Mixup`` kwargs (mixup_alpha, cutmix_alpha, prob, switch_prob, mode).
         ema_decay: None, or the decay of timm's ``ModelEmaV3``; the EMA model is validated too (``val_ema/*``).
+        on_nonfinite: 'stop' (raise at the first non-finite loss or gradient) or 'skip' (drop that step);
+            see ``chanzoo.tasks.guard``.
     """
 
     def __init__(
@@ -36,8 +39,10 @@ class ClassificationTask(TimmOptimMixin, L.LightningModule):
         label_smoothing: float = 0.0,
         mixup: Optional[Mapping[str, Any]] = None,
         ema_decay: Optional[float] = None,
+        on_nonfinite: str = "stop",
     ) -> None:
         super().__init__()
+        self.on_nonfinite = check_on_nonfinite(on_nonfinite)
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.optim_cfg, self.sched_cfg = dict(optim), dict(sched)
@@ -55,6 +60,11 @@ class ClassificationTask(TimmOptimMixin, L.LightningModule):
                 f"{stage}_metrics",
                 nn.ModuleDict({f"acc{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro") for k in top_k}),
             )
+
+    def monitorable_metrics(self) -> list[str]:
+        """The validation metrics this task logs (what a checkpoint callback may monitor)."""
+        return [f"{stage}/{name}" for stage in ("val", "val_ema") if stage == "val" or self.model_ema is not None
+                for name in ("loss", *getattr(self, f"{stage}_metrics"))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)

@@ -24,6 +24,7 @@ from torchmetrics.image import PeakSignalNoiseRatio
 
 from chanzoo.data.restoration import model_scale
 from chanzoo.ops.tiling import tiled_forward
+from chanzoo.tasks.guard import NonFiniteGuardMixin, check_on_nonfinite
 from chanzoo.tasks.optim import TimmOptimMixin
 
 _logger = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def _crop_border(x: torch.Tensor, border: int) -> torch.Tensor:
     return x[..., border : x.shape[-2] - border, border : x.shape[-1] - border] if border > 0 else x
 
 
-class RestorationTask(TimmOptimMixin, L.LightningModule):
+class RestorationTask(NonFiniteGuardMixin, TimmOptimMixin, L.LightningModule):
     """Train and evaluate an image-to-image model built by ``chanzoo.create_model`` (RGT, Histoformer, ...).
 
     Args:
@@ -106,6 +107,8 @@ class RestorationTask(TimmOptimMixin, L.LightningModule):
         aux_loss: an extra loss module ``aux_loss(output, target)``; ``aux_loss_weight`` scales it.
         quantize_output: round outputs to 8 bits before the metrics (as the papers do with saved images).
         tile, tile_overlap: evaluate large images in overlapping tiles of ``tile`` input pixels.
+        on_nonfinite: 'stop' (raise at the first non-finite loss or gradient) or 'skip' (drop that step);
+            see ``chanzoo.tasks.guard``.
     """
 
     def __init__(
@@ -119,8 +122,10 @@ class RestorationTask(TimmOptimMixin, L.LightningModule):
         quantize_output: bool = True,
         tile: Optional[int] = None,
         tile_overlap: int = 32,
+        on_nonfinite: str = "stop",
     ) -> None:
         super().__init__()
+        self.on_nonfinite = check_on_nonfinite(on_nonfinite)
         self.save_hyperparameters(ignore=["model", "aux_loss"])
         if getattr(model, "num_classes", 0):
             raise ValueError(f"restoration needs an image-to-image model (num_classes=0), got num_classes={model.num_classes}")
@@ -143,6 +148,12 @@ class RestorationTask(TimmOptimMixin, L.LightningModule):
         self.tile, self.tile_overlap = tile, tile_overlap
         self.val_metrics = restoration_metrics()
         self.test_metrics = restoration_metrics()
+
+    def monitorable_metrics(self) -> list[str]:
+        """The validation metrics this task logs (what a checkpoint callback may monitor); the luma (``_y``)
+        metrics exist for RGB models only."""
+        names = ["psnr", "ssim"] + (["psnr_y", "ssim_y"] if getattr(self.model, "in_chans", 3) == 3 else [])
+        return ["val/loss", *(f"val/{name}" for name in names)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tile is not None and not self.training:
