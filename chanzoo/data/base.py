@@ -29,6 +29,23 @@ def verify_images(files: Iterable[Union[str, Path]], desc: str = "verifying imag
     return len(files)
 
 
+def loader_sampler(dataset: Dataset, train: bool, trainer: Optional[L.Trainer], seed: int,
+                   generators: Sequence[torch.Generator]) -> Optional[DistributedSampler]:
+    """The sampler of a datamodule's loader: ``EpochSampler`` for training (sharded, re-seeding ``generators`` each
+    epoch); for evaluation under DDP one that never repeats a sample (Lightning's default ``DistributedSampler``
+    pads the last rank with repeats, which would count them twice in accuracy, mAP or mIoU); ``None`` otherwise and
+    for iterable datasets, which shard themselves."""
+    if isinstance(dataset, IterableDataset):
+        return None
+    world_size = trainer.world_size if trainer is not None else 1
+    rank = trainer.global_rank if trainer is not None else 0
+    if train:
+        return EpochSampler(dataset, num_replicas=world_size, rank=rank, seed=seed, generators=generators)
+    if world_size > 1:
+        return UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+    return None
+
+
 class EpochSampler(DistributedSampler):
     """``DistributedSampler`` that also re-seeds ``generators`` from (seed, epoch, rank) in every ``set_epoch``.
 
@@ -87,15 +104,7 @@ class ClassificationDataModule(L.LightningDataModule):
     def _loader(self, dataset: Optional[Dataset], train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its loaders are requested")
-        world_size = self.trainer.world_size if self.trainer is not None else 1
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        sampler = None
-        if train and not isinstance(dataset, IterableDataset):  # iterable readers shard themselves
-            generators = (self.loader_generator, self.augment_generator)
-            sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, seed=self.seed, generators=generators)
-        elif world_size > 1 and not isinstance(dataset, IterableDataset):
-            # evaluation counts each sample once: DistributedSampler would pad the last rank with repeated samples
-            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        sampler = loader_sampler(dataset, train, self.trainer, self.seed, (self.loader_generator, self.augment_generator))
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,

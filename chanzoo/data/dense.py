@@ -25,7 +25,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from chanzoo.data.base import EpochSampler
+from chanzoo.data.base import loader_sampler
 
 _logger = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ class DenseDataModule(L.LightningDataModule):
     """Loader plumbing shared by the detection and segmentation datamodules.
 
     Subclasses set ``num_classes``/``class_names`` and implement ``make_dataset(stage, train)``. The training loader
-    shuffles with chanzoo's ``EpochSampler`` (per-epoch seeds, DDP-aware); evaluation loaders keep the file order.
+    shuffles with chanzoo's ``EpochSampler`` (per-epoch seeds, DDP-aware); evaluation loaders keep the file order and, under DDP, count each image once.
     """
 
     task_type: str = ""
@@ -291,12 +291,7 @@ class DenseDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its loaders are requested")
-        sampler = None
-        if train:
-            world_size = self.trainer.world_size if self.trainer is not None else 1
-            rank = self.trainer.global_rank if self.trainer is not None else 0
-            sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, seed=self.seed,
-                                   generators=(self.loader_generator,))
+        sampler = loader_sampler(dataset, train, self.trainer, self.seed, (self.loader_generator,))
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
