@@ -246,7 +246,8 @@ class DenseDataModule(L.LightningDataModule):
     """Loader plumbing shared by the detection and segmentation datamodules.
 
     Subclasses set ``num_classes``/``class_names`` and implement ``make_dataset(stage, train)``. The training loader
-    shuffles with chanzoo's ``EpochSampler`` (per-epoch seeds, DDP-aware); evaluation loaders keep the file order and, under DDP, count each image once.
+    shuffles with chanzoo's ``EpochSampler`` (per-epoch seeds, DDP-aware); evaluation loaders keep the file order
+    and, under DDP, count each image once.
     """
 
     task_type: str = ""
