@@ -22,6 +22,7 @@ _FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
+NATIVE_SIDE = 28
 # Mean / std of the 60k training images scaled to [0, 1].
 MEAN, STD = 0.2860, 0.3530
 
@@ -88,13 +89,23 @@ class FashionMNISTDataModule(ClassificationDataModule):
         seed: int = 0,
         num_classes: int = 10,
         in_chans: int = 1,
-        img_size: int = 28,
+        img_size: int | str = "auto",
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, seed, num_classes, in_chans, img_size)
         if pad < 0:
             raise ValueError(f"pad must be >= 0, got {pad}")
+        if img_size != "auto" and not (isinstance(img_size, int) and img_size >= 1):
+            raise ValueError(f"img_size must be 'auto' or a side in pixels >= 1, got {img_size!r}")
         self.root, self.val_size, self.subset, self.pad, self.hflip = root, val_size, subset, pad, hflip
         self.mean, self.std = (MEAN,), (STD,)
+
+    def set_model(self, model: torch.nn.Module) -> None:
+        """With ``img_size='auto'``, the smallest side ``model`` takes (28 px, the images' own, when it takes them)."""
+        if self.img_size == "auto":
+            self.img_size = smallest_input_side(model, NATIVE_SIDE)
+            if self.img_size != NATIVE_SIDE:
+                _logger.info("Fashion-MNIST images are resized from %d to %d px for %s (data.img_size=auto)",
+                             NATIVE_SIDE, self.img_size, type(model).__name__)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is not None:
@@ -122,7 +133,32 @@ class FashionMNISTDataModule(ClassificationDataModule):
         if self.trainer is not None and self.trainer.training and (self.pad or self.hflip):
             images = random_shift_flip(images, self.pad, self.hflip, self.augment_generator)
         images = (images - MEAN) / STD
+        side = NATIVE_SIDE if self.img_size == "auto" else self.img_size
+        if side != NATIVE_SIDE:
+            images = torch.nn.functional.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
         return [images, labels]
+
+
+def smallest_input_side(model: torch.nn.Module, native: int) -> int:
+    """The side ``native``-pixel images must be resized to for ``model``: a fixed-size model's own input size
+    (a ViT's position table without dynamic sizes), else ``native`` grown to the model's declared minimum and to its
+    total stride (so the last stage keeps at least one pixel)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    fixed = getattr(patch_embed, "img_size", None)
+    if fixed is not None and not getattr(patch_embed, "dynamic_img_size", False) and not getattr(
+            patch_embed, "dynamic_img_pad", False):
+        return int(fixed[0] if isinstance(fixed, (tuple, list)) else fixed)
+    side = native
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("min_input_size"):
+        side = max(side, int(cfg["min_input_size"][-1]))
+    info = getattr(model, "feature_info", None)
+    reductions = [int(f["reduction"]) for f in info if "reduction" in f] if isinstance(info, list) else []
+    if hasattr(info, "reduction"):
+        reductions = list(info.reduction())
+    if reductions:
+        side = max(side, max(reductions))
+    return side
 
 
 def random_shift_flip(

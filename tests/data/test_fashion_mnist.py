@@ -89,3 +89,26 @@ def test_shift_flip_moves_each_image_by_one_random_offset():
     again = random_shift_flip(images, pad=2, hflip=True, generator=torch.Generator().manual_seed(0))
     assert torch.equal(again, shifted)
     assert torch.equal(random_shift_flip(images, pad=0, hflip=False), images)
+
+
+@pytest.mark.parametrize("name, side", [("small_cnn", 28), ("convnext_atto", 32), ("vit_tiny_patch16_224", 224)])
+def test_auto_img_size_is_the_smallest_side_the_model_takes(name: str, side: int) -> None:
+    """``data.img_size=auto`` keeps 28 px where the model takes it, else grows to the model's total stride (ConvNeXt
+    would shrink 28 px to nothing by its last stage) or to a fixed-size ViT's own input size."""
+    import timm
+
+    import chanzoo  # noqa: F401  (registers small_cnn)
+
+    with torch.device("meta"):
+        model = timm.create_model(name, in_chans=1, num_classes=10)
+    dm = FashionMNISTDataModule(subset=200, batch_size=8, img_size="auto")
+    dm.set_model(model)
+    assert dm.img_size == side
+    dm.setup("fit")
+    images, labels = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert images.shape == (8, 1, side, side) and labels.shape == (8,)
+
+
+def test_img_size_names_the_bad_value() -> None:
+    with pytest.raises(ValueError, match="img_size must be 'auto' or a side in pixels >= 1, got 'big'"):
+        FashionMNISTDataModule(img_size="big")
