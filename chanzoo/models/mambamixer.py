@@ -28,6 +28,23 @@ from chanzoo.ops.selective_scan import selective_scan
 
 __all__ = ["ViM2", "SelectiveTokenMixer", "SelectiveChannelMixer", "MambaMixerStage"]
 
+# Under torch.fx tracing the scan and the scan-order ops are single nodes: they check shapes and pick a backend.
+torch.fx.wrap("cross_scan")
+torch.fx.wrap("cross_merge")
+torch.fx.wrap("selective_scan")
+
+
+@torch.fx.wrap  # one node under torch.fx tracing; the check runs whenever the traced graph does
+def _check_input(x: torch.Tensor, in_chans: int, patch_size: int) -> torch.Tensor:
+    if x.ndim != 4 or x.shape[1] != in_chans:
+        raise ValueError(f"ViM2 expects (B, {in_chans}, H, W) input, got shape {tuple(x.shape)}")
+    if x.shape[2] < patch_size or x.shape[3] < patch_size:
+        raise ValueError(
+            f"ViM2 needs images of at least {patch_size}x{patch_size} pixels (the patch size), "
+            f"got {x.shape[2]}x{x.shape[3]}"
+        )
+    return x
+
 
 class _S6Params(nn.Module):
     """Input-dependent S6 parameters for ``directions`` independent scans of ``inner`` channels (Mamba's init).
@@ -154,8 +171,7 @@ class MambaMixerStage(nn.Module):
     def _average(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         k = len(outputs)
         start = (k - 1) * k // 2
-        weights = self.avg_weights[start:start + k]
-        return sum(w * y for w, y in zip(weights, outputs))
+        return sum(self.avg_weights[start + j] * y for j, y in enumerate(outputs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outputs = [self.downsample(x)]
@@ -213,6 +229,7 @@ class ViM2(nn.Module):
             in_dim, offset = dim, offset + count
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = in_dim
+        self.output_fmt = "NHWC"  # forward_features is channels-last, like timm's Swin
         self.norm = nn.LayerNorm(in_dim)
         self.head = ClassifierHead(in_dim, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC")
         self.apply(self._init_weights)
@@ -238,13 +255,7 @@ class ViM2(nn.Module):
         self.head.reset(num_classes, pool_type=global_pool)
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"ViM2 expects (B, {self.in_chans}, H, W) input, got shape {tuple(x.shape)}")
-        if x.shape[2] < self.patch_size or x.shape[3] < self.patch_size:
-            raise ValueError(
-                f"ViM2 needs images of at least {self.patch_size}x{self.patch_size} pixels (the patch size), "
-                f"got {x.shape[2]}x{x.shape[3]}"
-            )
+        x = _check_input(x, self.in_chans, self.patch_size)
         return self.stem_norm(self.stem(x).permute(0, 2, 3, 1))
 
     def forward_intermediates(
