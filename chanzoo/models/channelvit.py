@@ -15,9 +15,11 @@ equivalent ``Conv3d`` with kernel ``(1, p, p)``; the converter squeezes its weig
 
 Position embedding: as in the official code, the patch position embedding is resampled bicubically to the input's
 patch grid with DINO's scale factor ``(grid + 0.1) / built_grid`` (github.com/facebookresearch/dino/issues/8) for
-every input except a single channel at the built size. The official code does this even at the built size whenever
-there is more than one channel (which shifts the embedding by a fraction of a patch); chanzoo does the same so that
-official weights give the official outputs. Images of any size divisible by the patch size are accepted.
+every input except a single channel at the built size (so also at the built size with several channels, which shifts
+the embedding by a fraction of a patch), so that official weights give the official outputs. One difference is kept
+on purpose: the official code skips the resampling whenever the total token count C * (H/p) * (W/p) equals the built
+patch count on a square input and then adds the unresized table across all channels' tokens; chanzoo resamples there
+too (docs/channelvit.md). Images of any size divisible by the patch size are accepted.
 """
 from __future__ import annotations
 

@@ -157,3 +157,17 @@ def test_bad_inputs():
         timm.create_model("vim2_nano", token_depths=(3, 2, 2, 2), channel_depths=(2, 1, 1, 1))
     with pytest.raises(ValueError, match="same length"):
         timm.create_model("vim2_nano", dims=(32, 64))
+
+
+def test_flops_on_the_meta_device_equal_those_of_a_real_tensor() -> None:
+    """benchmarks/model_table.py counts on the meta device; the scan must count there as on the CPU kernel."""
+    from chanzoo.profile import count_flops
+
+    counts = []
+    for device in ("meta", "cpu"):
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = timm.create_model("vim2_nano").eval()
+            with torch.no_grad():
+                counts.append(count_flops(model, torch.zeros(1, 1, 28, 28))[1])
+    assert counts[0] == counts[1]
