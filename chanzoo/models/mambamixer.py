@@ -63,7 +63,8 @@ class _S6Params(nn.Module):
         dt = torch.exp(torch.rand(directions, inner) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
         dt = dt.clamp(min=1e-4)
         self.dt_projs_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-        self.A_logs = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(directions * inner, 1))
+        a_log = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32))
+        self.A_logs = nn.Parameter(a_log.repeat(directions * inner, 1))
         self.Ds = nn.Parameter(torch.ones(directions * inner))
 
     def scan(self, xs: torch.Tensor) -> torch.Tensor:
@@ -86,7 +87,7 @@ class _S6Params(nn.Module):
 
 
 class SelectiveTokenMixer(nn.Module):
-    """Selective Token Mixer for images (paper Sec. 3.2 and 4.1; appendix table "Linear D -> 2D, DWConv 3x3, S6, Linear").
+    """Selective Token Mixer for images (paper Sec. 3.2, 4.1; appendix: "Linear D -> 2D, DWConv 3x3, S6, Linear").
 
     LayerNorm -> Linear(D, 2E) split into x and the gate z -> depthwise 3x3 conv + SiLU on x -> four S6 scans over the
     cross-scan orders, merged by summation -> multiplied by SiLU(z) -> Linear(E, D). E = ssm_ratio * D. Input and
@@ -341,27 +342,27 @@ default_cfgs = generate_default_cfgs(
 
 @register_model
 def vim2_nano(pretrained: bool = False, **kwargs: Any) -> ViM2:
-    """chanzoo's reduced ViM2 for small images (not in the paper): dims 32-256, 2 token and 1 channel mixer per stage."""
+    """chanzoo's reduced ViM2 for small images (not in the paper): dims 32-256, 2 token + 1 channel mixer per stage."""
     args = dict(dims=(32, 64, 128, 256), token_depths=(2, 2, 2, 2), channel_depths=(1, 1, 1, 1), drop_path_rate=0.0)
     return _create_vim2("vim2_nano", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vim2_tiny(pretrained: bool = False, **kwargs: Any) -> ViM2:
-    """ViM2-T: dims 96-768, token mixers 2-2-6-2, channel mixers 1-1-3-1 (paper appendix table of scales; 20M params in its ImageNet table)."""
+    """ViM2-T: dims 96-768, token mixers 2-2-6-2, channel mixers 1-1-3-1 (paper's table of scales; 20M params)."""
     args = dict(dims=(96, 192, 384, 768), token_depths=(2, 2, 6, 2), channel_depths=(1, 1, 3, 1))
     return _create_vim2("vim2_tiny", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vim2_small(pretrained: bool = False, **kwargs: Any) -> ViM2:
-    """ViM2-S: dims 96-768, token mixers 2-2-18-2, channel mixers 1-1-9-1 (paper appendix table of scales; 43M params in its ImageNet table)."""
+    """ViM2-S: dims 96-768, token mixers 2-2-18-2, channel mixers 1-1-9-1 (paper's table of scales; 43M params)."""
     args = dict(dims=(96, 192, 384, 768), token_depths=(2, 2, 18, 2), channel_depths=(1, 1, 9, 1))
     return _create_vim2("vim2_small", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vim2_base(pretrained: bool = False, **kwargs: Any) -> ViM2:
-    """ViM2-B: dims 128-1024, token mixers 2-2-18-2, channel mixers 1-1-9-1 (paper appendix table of scales; 74M params in its ImageNet table)."""
+    """ViM2-B: dims 128-1024, token mixers 2-2-18-2, channel mixers 1-1-9-1 (paper's table of scales; 74M params)."""
     args = dict(dims=(128, 256, 512, 1024), token_depths=(2, 2, 18, 2), channel_depths=(1, 1, 9, 1))
     return _create_vim2("vim2_base", pretrained, **dict(args, **kwargs))

@@ -93,7 +93,9 @@ def _pad_for_rg(x: torch.Tensor, training: bool) -> torch.Tensor:
 
 
 @torch.fx.wrap
-def _recursive_reduction(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], training: bool) -> torch.Tensor:
+def _recursive_reduction(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], training: bool
+) -> torch.Tensor:
     """RG-SA's recursive generalization: the stride-4 depth-wise conv (``weight``, ``bias``) applied T times."""
     for _ in range(_rg_recursions(x.shape[-2], x.shape[-1], training)):
         x = F.conv2d(x, weight, bias, stride=4, groups=x.shape[1])
@@ -108,7 +110,8 @@ class ImageToTokens(nn.Module):
 
 
 class Gate(nn.Module):
-    """Spatial gate of the MLP: the second half of the channels, layer-normed and depth-wise convolved, gates the first."""
+    """Spatial gate of the MLP: the second half of the channels, layer-normed and depth-wise convolved, gates the
+    first."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -145,9 +148,13 @@ class DynamicPosBias(nn.Module):
         super().__init__()
         self.pos_dim = dim // 4
         self.pos_proj = nn.Linear(2, self.pos_dim)
-        self.pos1 = nn.Sequential(nn.LayerNorm(self.pos_dim), nn.ReLU(inplace=True), nn.Linear(self.pos_dim, self.pos_dim))
-        self.pos2 = nn.Sequential(nn.LayerNorm(self.pos_dim), nn.ReLU(inplace=True), nn.Linear(self.pos_dim, self.pos_dim))
-        self.pos3 = nn.Sequential(nn.LayerNorm(self.pos_dim), nn.ReLU(inplace=True), nn.Linear(self.pos_dim, num_heads))
+
+        def norm_relu_linear(out_dim: int) -> nn.Sequential:
+            return nn.Sequential(nn.LayerNorm(self.pos_dim), nn.ReLU(inplace=True), nn.Linear(self.pos_dim, out_dim))
+
+        self.pos1 = norm_relu_linear(self.pos_dim)
+        self.pos2 = norm_relu_linear(self.pos_dim)
+        self.pos3 = norm_relu_linear(num_heads)
 
     def forward(self, offsets: torch.Tensor) -> torch.Tensor:
         return self.pos3(self.pos2(self.pos1(self.pos_proj(offsets))))
@@ -165,7 +172,8 @@ class WindowAttention(nn.Module):
         self.pos = DynamicPosBias(dim // 4, num_heads)
         dy = torch.arange(1 - window_h, window_h)
         dx = torch.arange(1 - window_w, window_w)
-        self.register_buffer("rpe_biases", torch.stack(torch.meshgrid(dy, dx, indexing="ij")).flatten(1).T.float(), False)
+        offsets = torch.stack(torch.meshgrid(dy, dx, indexing="ij")).flatten(1).T.float()
+        self.register_buffer("rpe_biases", offsets, False)
         coords = torch.stack(torch.meshgrid(torch.arange(window_h), torch.arange(window_w), indexing="ij")).flatten(1)
         rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
         index = (rel[..., 0] + window_h - 1) * (2 * window_w - 1) + rel[..., 1] + window_w - 1
@@ -180,7 +188,7 @@ class WindowAttention(nn.Module):
         return x.reshape(batch, -1, self.num_heads, wh * ww, channels // self.num_heads)
 
     def forward(self, qkv: torch.Tensor, height: int, width: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``qkv``: (3, B, H*W, C) with H, W multiples of the window; ``mask``: (windows, N, N); returns (B, H, W, C)."""
+        """``qkv``: (3, B, H*W, C), H and W multiples of the window; ``mask``: (windows, N, N); returns (B, H, W, C)."""
         batch, _, channels = qkv.shape[1:]
         q, k, v = (self._partition(qkv[i], height, width) for i in range(3))
         tokens = self.window_h * self.window_w
@@ -197,7 +205,8 @@ class WindowAttention(nn.Module):
 
 
 def _build_shift_mask(
-    height: int, width: int, window_h: int, window_w: int, shift_h: int, shift_w: int, device: torch.device | None = None
+    height: int, width: int, window_h: int, window_w: int, shift_h: int, shift_w: int,
+    device: Optional[torch.device] = None,
 ) -> torch.Tensor:
     """Swin-style mask (-100 between tokens from different regions) for cyclically shifted windows; (windows, N, N)."""
     regions = torch.zeros(height, width, device=device)
@@ -217,7 +226,8 @@ _cached_shift_mask = functools.lru_cache(maxsize=32)(_build_shift_mask)
 
 @torch.fx.wrap  # one node under torch.fx tracing (the mask depends on the feature-map size)
 def _shift_mask(
-    height: int, width: int, window_h: int, window_w: int, shift_h: int, shift_w: int, device: torch.device | None = None
+    height: int, width: int, window_h: int, window_w: int, shift_h: int, shift_w: int,
+    device: Optional[torch.device] = None,
 ) -> torch.Tensor:
     """The shifted-window mask, built once per size and device in eager mode (so no forward copies it between host
     and device); under torch.export / torch.compile it is built in the graph, so no traced tensor enters the cache."""
@@ -530,7 +540,9 @@ class RGT(nn.Module):
             self.feature_info.append(dict(num_chs=embed_dim, reduction=1, module=f"layers.{i}"))
         self.norm = nn.LayerNorm(embed_dim)
         self.conv_after_body = nn.Conv2d(embed_dim, embed_dim, 3, padding=1)
-        self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_feat, 3, padding=1), nn.LeakyReLU(inplace=True))
+        self.conv_before_upsample = nn.Sequential(
+            nn.Conv2d(embed_dim, num_feat, 3, padding=1), nn.LeakyReLU(inplace=True)
+        )
         self.upsample = Upsample(upscale, num_feat)
         self.conv_last = nn.Conv2d(num_feat, in_chans, 3, padding=1)
         self.apply(self._init_weights)
@@ -576,7 +588,8 @@ class RGT(nn.Module):
         return self.conv_after_body(self._body(x)[0]) + x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Reconstruction: conv + LeakyReLU, pixel-shuffle up-sampling, conv to the image (``pre_logits``: before it)."""
+        """Reconstruction: conv + LeakyReLU, pixel-shuffle up-sampling, conv to the image (``pre_logits``: not the
+        last conv)."""
         x = self.upsample(self.conv_before_upsample(x))
         if pre_logits:
             return x

@@ -39,7 +39,9 @@ def drop_channels(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     num_channels = x.shape[1]
     keep = torch.as_tensor(keep, dtype=torch.long, device=x.device)
     if keep.ndim != 1 or keep.numel() == 0 or int(keep.min()) < 0 or int(keep.max()) >= num_channels:
-        raise ValueError(f"keep must be a non-empty list of channel indices in 0..{num_channels - 1}, got {keep.tolist()}")
+        raise ValueError(
+            f"keep must be a non-empty list of channel indices in 0..{num_channels - 1}, got {keep.tolist()}"
+        )
     mask = torch.zeros(num_channels, dtype=x.dtype, device=x.device)
     mask[keep] = num_channels / keep.unique().numel()
     return x * mask.view(1, -1, 1, 1)

@@ -282,7 +282,9 @@ class _EagerScan(torch.autograd.Function):
                 _from_blocks(dC.squeeze(-2), length))
 
 
-def _scan_eager(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+def _scan_eager(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
+) -> torch.Tensor:
     """Scan core through the eager autograd.Function; B, C come in as (b, G, N, L)."""
     return _EagerScan.apply(u, delta, A, B, C)
 

@@ -163,7 +163,8 @@ def official_layout(model: ChannelVisionTransformer, channel_embed: str, lightni
         sd["patch_embed.channel_embed"] = table.t()[None, :, :, None, None]
     if lightning:
         head = {k.replace("head.", "classifier."): sd.pop(k) for k in list(sd) if k.startswith("head.")}
-        sd = {"state_dict": {**{f"backbone.{k}": v for k, v in sd.items()}, **head, "dino_head.last_layer.weight": table}}
+        backbone = {f"backbone.{k}": v for k, v in sd.items()}
+        sd = {"state_dict": {**backbone, **head, "dino_head.last_layer.weight": table}}
     return sd
 
 

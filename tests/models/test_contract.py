@@ -169,6 +169,16 @@ def test_forward_backward(name: str) -> None:
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("name", CHANZOO_MODELS)
+def test_fx_traces_every_name(name: str) -> None:
+    """Every registered model traces with torch.fx (graph only, so the meta device serves); the smallest of each
+    family also runs its traced graph below."""
+    with torch.device("meta"):
+        model = timm.create_model(name).eval()
+    graph = torch.fx.symbolic_trace(model).graph
+    assert any(node.op == "call_module" for node in graph.nodes) and list(graph.nodes)[-1].op == "output"
+
+
 # ---------------------------------------------------------------------------------- the smallest of each family
 @pytest.mark.parametrize("name", REPRESENTATIVES)
 def test_head_contract(name: str) -> None:
@@ -226,7 +236,8 @@ def test_forward_intermediates(name: str) -> None:
     for info, feature in zip(model.feature_info, intermediates):
         assert feature.shape[:2] == (2, info["num_chs"])
         assert all(s <= math.ceil(side / info["reduction"]) + 1 for s in feature.shape[2:])
-    assert len(picked) == 2 and torch.allclose(picked[0], intermediates[0]) and torch.allclose(picked[1], intermediates[-1])
+    assert len(picked) == 2
+    assert torch.allclose(picked[0], intermediates[0]) and torch.allclose(picked[1], intermediates[-1])
     assert len(normed) == 1 and normed[0].shape == intermediates[-1].shape
 
 
