@@ -266,6 +266,7 @@ def test_other_input_channels(name: str, chans: int) -> None:
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.filterwarnings("ignore:NOTE. The nodes obtained by tracing the model in eval mode")  # torchvision's
 @pytest.mark.parametrize("name", REPRESENTATIVES)
 def test_fx_trace(name: str) -> None:
     """torch.fx: plain symbolic_trace and timm's feature extractor (timm's fx tests) give the eager outputs exactly,
