@@ -148,6 +148,8 @@ def _recording(factory: AttnFactory, built: list[tuple[nn.Module, int]]) -> Attn
 
 def _apply_stage_attn(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
     """Forward hook: run the stage's own ``channel_attn`` child on its output (plain function: deepcopy-safe)."""
+    if isinstance(output, torch.fx.Proxy):  # torch.fx tracing: shapes are not known yet
+        return module.channel_attn(output)
     if not isinstance(output, torch.Tensor) or output.ndim != 4:
         shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
         raise ValueError(

@@ -12,7 +12,7 @@ what the arithmetic needs:
   pooled vectors) keeps its own autograd graph from the forward, so nothing is recomputed;
 - inference with ``inplace=True``: the gates are applied in place, no new full-size tensor;
 - under ``torch.compile`` or autocast: the plain expression (the compiler fuses it itself; autocast picks dtypes
-  op by op).
+  op by op); ``torch.fx`` tracing records it too.
 """
 from __future__ import annotations
 
@@ -132,8 +132,9 @@ def strip_channel_gate(
 
     The strip form of ``pooled_channel_gate`` (ELA, coordinate-style attention); same arguments.
     """
-    recorded = needs_grad(x, params)
-    if _fused(x, recorded):
+    traced = isinstance(x, torch.fx.Proxy)  # torch.fx tracing records the plain expression
+    recorded = traced or needs_grad(x, params)
+    if not traced and _fused(x, recorded):
         return _StripGate.apply(x, gate_fn, *params)
     gate_h, gate_w = gate_fn(x.mean(3), x.mean(2))
     if inplace and not recorded:
@@ -153,8 +154,9 @@ def pooled_channel_gate(
         inplace: write the result into ``x`` when no gradient is needed (inference); ignored otherwise. Only for
             callers that do not read ``x`` again, like the attention slot of a ResNet block.
     """
-    recorded = needs_grad(x, params)
-    if _fused(x, recorded):
+    traced = isinstance(x, torch.fx.Proxy)  # torch.fx tracing records the plain expression
+    recorded = traced or needs_grad(x, params)
+    if not traced and _fused(x, recorded):
         return _PooledGate.apply(x, gate_fn, *params)
     gate = gate_fn(x.mean((2, 3)))[:, :, None, None]
     if inplace and not recorded:

@@ -12,7 +12,7 @@ Samples are written one file per sample (``.npy`` float32 (4, 32, 32), or multi-
 (file, label, split) and ``channels.txt``, the layout ``chanzoo.data.MultiChannelDataModule`` reads.
 Train samples come from the Fashion-MNIST training set, test samples from its test set (first N of each)::
 
-    python -m chanzoo.data.make_multichannel --out data/fmnist4 --train 6000 --test 2000
+    python -m chanzoo.data.make_multichannel --out data/fmnist4 --train 3000 --test 1000
 """
 from __future__ import annotations
 
@@ -76,8 +76,8 @@ def build(out: Path, n_train: int, n_test: int, fmt: str = "npy", source: str = 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--train", type=int, default=6000, help="training samples (from Fashion-MNIST train)")
-    parser.add_argument("--test", type=int, default=2000, help="test samples (from Fashion-MNIST test)")
+    parser.add_argument("--train", type=int, default=3000, help="training samples (from Fashion-MNIST train)")
+    parser.add_argument("--test", type=int, default=1000, help="test samples (from Fashion-MNIST test)")
     parser.add_argument("--format", default="npy", choices=("npy", "tif"))
     parser.add_argument("--source", default=DEFAULT_ROOT, help="folder with the Fashion-MNIST idx files")
     args = parser.parse_args(argv)

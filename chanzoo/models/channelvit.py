@@ -15,12 +15,15 @@ equivalent ``Conv3d`` with kernel ``(1, p, p)``; the converter squeezes its weig
 
 Position embedding: as in the official code, the patch position embedding is resampled bicubically to the input's
 patch grid with DINO's scale factor ``(grid + 0.1) / built_grid`` (github.com/facebookresearch/dino/issues/8) for
-every input except a single channel at the built size. The official code does this even at the built size whenever
-there is more than one channel (which shifts the embedding by a fraction of a patch); chanzoo does the same so that
-official weights give the official outputs. Images of any size divisible by the patch size are accepted.
+every input except a single channel at the built size (so also at the built size with several channels, which shifts
+the embedding by a fraction of a patch), so that official weights give the official outputs. One difference is kept
+on purpose: the official code skips the resampling whenever the total token count C * (H/p) * (W/p) equals the built
+patch count on a square input and then adds the unresized table across all channels' tokens; chanzoo resamples there
+too (docs/channelvit.md). Images of any size divisible by the patch size are accepted.
 """
 from __future__ import annotations
 
+import logging
 from functools import partial
 from typing import Any, Optional, Union
 
@@ -32,11 +35,70 @@ from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from chanzoo.data.channel_sampling import sample_channel_subset
+from chanzoo.ops.channel_sampling import sample_channel_subset
 from chanzoo.hub import generate_default_cfgs
 
 __all__ = ["ChannelVisionTransformer", "PatchEmbedPerChannel", "checkpoint_filter_fn"]
 
+_logger = logging.getLogger(__name__)
+
+
+@torch.fx.wrap  # one node under torch.fx tracing; the checks run whenever the traced graph does
+def _channel_ids_for(
+    x: torch.Tensor, channel_ids: Optional[torch.Tensor], in_chans: int, patch_size: int
+) -> torch.Tensor:
+    """Validate ``x`` (B, C, H, W) and ``channel_ids``; return the ids as a (B, C) int64 tensor."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        raise ValueError(f"x must be a (B, C, H, W) tensor, got {getattr(x, 'shape', type(x))}")
+    b, c, h, w = x.shape
+    if c > in_chans:
+        raise ValueError(f"x has {c} channels but the model was built for in_chans={in_chans}")
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"image size {h}x{w} must be divisible by the patch size {patch_size}")
+    if channel_ids is None:
+        if c != in_chans:
+            raise ValueError(
+                f"x has {c} of the {in_chans} trained channels: pass channel_ids (B, {c}) or ({c},) "
+                "naming which trained channel each input channel is"
+            )
+        return torch.arange(c, device=x.device).expand(b, c)
+    channel_ids = torch.as_tensor(channel_ids, device=x.device)
+    if channel_ids.is_floating_point() or channel_ids.dtype == torch.bool:
+        raise TypeError(f"channel_ids must be an integer tensor, got dtype {channel_ids.dtype}")
+    if channel_ids.ndim == 1:
+        channel_ids = channel_ids.expand(b, -1)
+    if tuple(channel_ids.shape) != (b, c):
+        raise ValueError(f"channel_ids must have shape ({b}, {c}) or ({c},) for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(channel_ids.shape)}")
+    if int(channel_ids.min()) < 0 or int(channel_ids.max()) >= in_chans:
+        bad = channel_ids[(channel_ids < 0) | (channel_ids >= in_chans)].unique().tolist()
+        raise ValueError(f"channel_ids {bad} out of range: the model knows channels 0..{in_chans - 1}")
+    return channel_ids.long()
+
+
+@torch.fx.wrap
+def _sample_channels(x: torch.Tensor, channel_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hierarchical Channel Sampling: the input channels and their ids for a random subset (Sec. 3.2)."""
+    keep = sample_channel_subset(x.shape[1], device=x.device)
+    return x[:, keep], channel_ids[:, keep]
+
+
+@torch.fx.wrap
+def _patch_pos_embed(
+    pos_embed: torch.Tensor, built_grid: tuple[int, int], grid_h: int, grid_w: int, num_channels: int
+) -> torch.Tensor:
+    """Patch position embedding for a ``grid_h`` x ``grid_w`` grid of patches, repeated for each channel.
+
+    Resampled as the official code does (bicubic, DINO's scale factor), except for one channel at the built size.
+    """
+    pos = pos_embed[:, 1:]
+    gh, gw = built_grid
+    if num_channels == 1 and (grid_h, grid_w) == (gh, gw):
+        return pos
+    pos = pos.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+    scale = ((grid_h + 0.1) / gh, (grid_w + 0.1) / gw)
+    pos = F.interpolate(pos, scale_factor=scale, mode="bicubic")
+    return pos.flatten(2).transpose(1, 2).repeat(1, num_channels, 1)
 
 
 class PatchEmbedPerChannel(nn.Module):
@@ -165,54 +227,13 @@ class ChannelVisionTransformer(nn.Module):
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     # ------------------------------------------------------------------------------------------------- tokens
-    def _check_input(self, x: torch.Tensor, channel_ids: Optional[torch.Tensor]) -> torch.Tensor:
-        """Validate ``x`` and return channel ids of shape (B, C)."""
-        if not isinstance(x, torch.Tensor) or x.ndim != 4:
-            raise ValueError(f"x must be a (B, C, H, W) tensor, got {getattr(x, 'shape', type(x))}")
-        b, c, h, w = x.shape
-        if c > self.in_chans:
-            raise ValueError(f"x has {c} channels but the model was built for in_chans={self.in_chans}")
-        if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"image size {h}x{w} must be divisible by the patch size {self.patch_size}")
-        if channel_ids is None:
-            if c != self.in_chans:
-                raise ValueError(
-                    f"x has {c} of the {self.in_chans} trained channels: pass channel_ids (B, {c}) or ({c},) "
-                    "naming which trained channel each input channel is"
-                )
-            return torch.arange(c, device=x.device).expand(b, c)
-        channel_ids = torch.as_tensor(channel_ids, device=x.device)
-        if channel_ids.is_floating_point() or channel_ids.dtype == torch.bool:
-            raise TypeError(f"channel_ids must be an integer tensor, got dtype {channel_ids.dtype}")
-        if channel_ids.ndim == 1:
-            channel_ids = channel_ids.expand(b, -1)
-        if tuple(channel_ids.shape) != (b, c):
-            raise ValueError(f"channel_ids must have shape ({b}, {c}) or ({c},) for x of shape {tuple(x.shape)}, "
-                             f"got {tuple(channel_ids.shape)}")
-        if int(channel_ids.min()) < 0 or int(channel_ids.max()) >= self.in_chans:
-            bad = channel_ids[(channel_ids < 0) | (channel_ids >= self.in_chans)].unique().tolist()
-            raise ValueError(f"channel_ids {bad} out of range: the model knows channels 0..{self.in_chans - 1}")
-        return channel_ids.long()
-
-    def _patch_pos_embed(self, grid: tuple[int, int], num_channels: int) -> torch.Tensor:
-        """Patch position embedding for a ``grid`` of patches, repeated for each channel (official resampling)."""
-        pos = self.pos_embed[:, 1:]
-        gh, gw = self.patch_embed.grid_size
-        if num_channels == 1 and tuple(grid) == (gh, gw):
-            return pos
-        pos = pos.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
-        scale = ((grid[0] + 0.1) / gh, (grid[1] + 0.1) / gw)
-        pos = F.interpolate(pos, scale_factor=scale, mode="bicubic")
-        return pos.flatten(2).transpose(1, 2).repeat(1, num_channels, 1)
-
     def _tokens(self, x: torch.Tensor, channel_ids: Optional[torch.Tensor]) -> torch.Tensor:
-        channel_ids = self._check_input(x, channel_ids)
+        channel_ids = _channel_ids_for(x, channel_ids, self.in_chans, self.patch_size)
         if self.training and self.hcs:
-            keep = sample_channel_subset(x.shape[1], device=x.device)
-            x, channel_ids = x[:, keep], channel_ids[:, keep]
-        grid = (x.shape[2] // self.patch_size, x.shape[3] // self.patch_size)
+            x, channel_ids = _sample_channels(x, channel_ids)
+        grid_h, grid_w = x.shape[2] // self.patch_size, x.shape[3] // self.patch_size
         x = self.patch_embed(x, channel_ids)
-        x = x + self._patch_pos_embed(grid, channel_ids.shape[1])
+        x = x + _patch_pos_embed(self.pos_embed, self.patch_embed.grid_size, grid_h, grid_w, channel_ids.shape[1])
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         return self.pos_drop(torch.cat((cls, x), dim=1))
 
@@ -235,16 +256,19 @@ class ChannelVisionTransformer(nn.Module):
     def forward_intermediates(
         self,
         x: torch.Tensor,
-        channel_ids: Optional[torch.Tensor] = None,
         indices: Optional[Union[int, list[int]]] = None,
         return_prefix_tokens: bool = False,
         norm: bool = False,
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
+        *,
+        channel_ids: Optional[torch.Tensor] = None,
     ) -> Union[list[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
-        """Block outputs at ``indices`` (timm's contract). 'NLC': the patch tokens (B, C * N, D) of all channels;
-        'NCHW': (B, D, H/p, W/p), the patch tokens averaged over the input channels."""
+        """Block outputs at ``indices`` (timm's contract and argument order; ``channel_ids`` as in ``forward``).
+
+        'NLC': the patch tokens (B, C * N, D) of all channels; 'NCHW': (B, D, H/p, W/p), the patch tokens averaged
+        over the input channels."""
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
@@ -288,7 +312,8 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: ChannelVisionTransfo
     wrappers, ``backbone.``/``module.`` prefixes, the supervised ``classifier`` -> ``head``); the ``Conv3d`` patch
     weight (D, 1, 1, p, p) -> (D, 1, p, p); the channel embedding in both forms, ``channel_embed.weight`` (C, D) of the
     HCS releases and ``channel_embed`` (1, D, C, 1, 1) of the others; a position embedding built for another image
-    size is resampled to the model's.
+    size is resampled to the model's. A model built with fewer channels than the checkpoint (``in_chans=1`` for an
+    RGB release) keeps the embeddings of the checkpoint's first ``in_chans`` channels, as timm adapts a first conv.
     """
     for wrapper in ("state_dict", "model", "teacher"):
         if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
@@ -310,11 +335,17 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: ChannelVisionTransfo
             value = value.squeeze(2)
         elif key == "patch_embed.channel_embed":
             key, value = "patch_embed.channel_embed.weight", value[0, :, :, 0, 0].t()
-        if key == "patch_embed.channel_embed.weight" and value.shape[0] != model.in_chans:
+        if key == "patch_embed.channel_embed.weight" and value.shape[0] < model.in_chans:
             raise ValueError(
                 f"the checkpoint's channel embedding knows {value.shape[0]} channels but the model was built with "
-                f"in_chans={model.in_chans}; build it with in_chans={value.shape[0]}"
+                f"in_chans={model.in_chans}; build it with in_chans <= {value.shape[0]}"
             )
+        if key == "patch_embed.channel_embed.weight" and value.shape[0] > model.in_chans:
+            _logger.info(
+                "ChannelViT: keeping the channel embeddings of the checkpoint's channels 0..%d of %d (in_chans=%d)",
+                model.in_chans - 1, value.shape[0], model.in_chans,
+            )
+            value = value[: model.in_chans]
         if key == "pos_embed" and value.shape[1] != model.pos_embed.shape[1]:
             value = resample_abs_pos_embed(
                 value, new_size=model.patch_embed.grid_size, num_prefix_tokens=1, interpolation="bicubic",

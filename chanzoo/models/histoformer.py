@@ -42,6 +42,21 @@ __all__ = ["Histoformer", "HistogramAttention", "DualScaleGatedFFN", "checkpoint
 SIZE_MULTIPLE = 8  # three 2x down-samplings
 _NORM_EPS = 1e-5
 
+torch.fx.wrap("pad_to_multiple")  # one node under torch.fx tracing (its padding mode depends on the image size)
+
+
+@torch.fx.wrap  # one node under torch.fx tracing; the check runs whenever the traced graph does
+def _check_input(x: torch.Tensor, in_chans: int, padded: bool) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != in_chans:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"Histoformer expects input of shape (B, {in_chans}, H, W), got {shape}")
+    if padded and (x.shape[-2] % SIZE_MULTIPLE or x.shape[-1] % SIZE_MULTIPLE):
+        raise ValueError(
+            f"this method needs H and W divisible by {SIZE_MULTIPLE}, got input {tuple(x.shape)}; "
+            "forward() pads any size"
+        )
+    return x
+
 
 class ChannelNorm(nn.Module):
     """Layer norm over channels without affine parameters (official ``WithBias_LayerNorm`` / ``BiasFree_LayerNorm``).
@@ -105,8 +120,7 @@ class HistogramAttention(nn.Module):
         b, c, n = q.shape
         heads = bins = self.num_heads
         pad = (-n) % bins
-        if pad:
-            q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+        q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))  # unconditional (a no-op for pad=0): fx-traceable
         length = (n + pad) // bins
 
         def to_tokens(t: torch.Tensor) -> torch.Tensor:
@@ -284,7 +298,7 @@ class Histoformer(nn.Module):
         self.num_classes = 0
         self.in_chans = in_chans
         self.scale = 1
-        self.num_features = dim * 2
+        self.num_features = self.head_hidden_size = dim * 2  # forward_head(pre_logits=True) returns the features
         self.grad_checkpointing = False
 
         def blocks(chans: int, n: int, h: int) -> nn.Sequential:
@@ -342,16 +356,6 @@ class Histoformer(nn.Module):
             return checkpoint_seq(stage, x)
         return stage(x)
 
-    def _check_input(self, x: torch.Tensor, padded: bool) -> None:
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != self.in_chans:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"Histoformer expects input of shape (B, {self.in_chans}, H, W), got {shape}")
-        if padded and (x.shape[-2] % SIZE_MULTIPLE or x.shape[-1] % SIZE_MULTIPLE):
-            raise ValueError(
-                f"this method needs H and W divisible by {SIZE_MULTIPLE}, got input {tuple(x.shape)}; "
-                "forward() pads any size"
-            )
-
     def _encode(self, x: torch.Tensor, levels: int = 4) -> list[torch.Tensor]:
         """Outputs of encoder levels 1-3 and the latent level (the first ``levels`` of them)."""
         feats = [self._run(self.encoder_level1, self.patch_embed(x))]
@@ -375,8 +379,7 @@ class Histoformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Refined full-resolution features (B, 2*dim, H, W) of an image whose H and W are multiples of 8."""
-        self._check_input(x, padded=True)
-        return self._decode(self._encode(x))
+        return self._decode(self._encode(_check_input(x, self.in_chans, padded=True)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """The residual image (B, in_chans, H, W) from ``forward_features`` (``pre_logits``: the features unchanged)."""
@@ -398,7 +401,7 @@ class Histoformer(nn.Module):
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW' for Histoformer, got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        self._check_input(x, padded=True)
+        x = _check_input(x, self.in_chans, padded=True)
         if intermediates_only:  # only the levels up to the deepest one asked for
             feats = self._encode(x, levels=max_index + 1)
             return [feats[i] for i in take_indices]
@@ -407,7 +410,7 @@ class Histoformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Restore ``x`` (B, C, H, W) in [0, 1]; any H, W >= 1 (padded to a multiple of 8, cropped back)."""
-        self._check_input(x, padded=False)
+        x = _check_input(x, self.in_chans, padded=False)
         height, width = x.shape[-2:]
         padded = pad_to_multiple(x, SIZE_MULTIPLE)
         return crop_output(self.forward_head(self.forward_features(padded)) + padded, height, width)
@@ -444,7 +447,7 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
     return {
         "num_classes": 0,
         "input_size": (3, 256, 256),
-        "min_input_size": (3, 1, 1),
+        "min_input_size": (3, SIZE_MULTIPLE, SIZE_MULTIPLE),  # forward_features' smallest; forward() pads any size
         "crop_pct": 1.0,
         "interpolation": "bicubic",
         "mean": (0.0, 0.0, 0.0),

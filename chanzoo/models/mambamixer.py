@@ -28,6 +28,23 @@ from chanzoo.ops.selective_scan import selective_scan
 
 __all__ = ["ViM2", "SelectiveTokenMixer", "SelectiveChannelMixer", "MambaMixerStage"]
 
+# Under torch.fx tracing the scan and the scan-order ops are single nodes: they check shapes and pick a backend.
+torch.fx.wrap("cross_scan")
+torch.fx.wrap("cross_merge")
+torch.fx.wrap("selective_scan")
+
+
+@torch.fx.wrap  # one node under torch.fx tracing; the check runs whenever the traced graph does
+def _check_input(x: torch.Tensor, in_chans: int, patch_size: int) -> torch.Tensor:
+    if x.ndim != 4 or x.shape[1] != in_chans:
+        raise ValueError(f"ViM2 expects (B, {in_chans}, H, W) input, got shape {tuple(x.shape)}")
+    if x.shape[2] < patch_size or x.shape[3] < patch_size:
+        raise ValueError(
+            f"ViM2 needs images of at least {patch_size}x{patch_size} pixels (the patch size), "
+            f"got {x.shape[2]}x{x.shape[3]}"
+        )
+    return x
+
 
 class _S6Params(nn.Module):
     """Input-dependent S6 parameters for ``directions`` independent scans of ``inner`` channels (Mamba's init).
@@ -46,7 +63,8 @@ class _S6Params(nn.Module):
         dt = torch.exp(torch.rand(directions, inner) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
         dt = dt.clamp(min=1e-4)
         self.dt_projs_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-        self.A_logs = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(directions * inner, 1))
+        a_log = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32))
+        self.A_logs = nn.Parameter(a_log.repeat(directions * inner, 1))
         self.Ds = nn.Parameter(torch.ones(directions * inner))
 
     def scan(self, xs: torch.Tensor) -> torch.Tensor:
@@ -69,7 +87,7 @@ class _S6Params(nn.Module):
 
 
 class SelectiveTokenMixer(nn.Module):
-    """Selective Token Mixer for images (paper Sec. 3.2 and 4.1; appendix table "Linear D -> 2D, DWConv 3x3, S6, Linear").
+    """Selective Token Mixer for images (paper Sec. 3.2, 4.1; appendix: "Linear D -> 2D, DWConv 3x3, S6, Linear").
 
     LayerNorm -> Linear(D, 2E) split into x and the gate z -> depthwise 3x3 conv + SiLU on x -> four S6 scans over the
     cross-scan orders, merged by summation -> multiplied by SiLU(z) -> Linear(E, D). E = ssm_ratio * D. Input and
@@ -154,8 +172,7 @@ class MambaMixerStage(nn.Module):
     def _average(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         k = len(outputs)
         start = (k - 1) * k // 2
-        weights = self.avg_weights[start:start + k]
-        return sum(w * y for w, y in zip(weights, outputs))
+        return sum(self.avg_weights[start + j] * y for j, y in enumerate(outputs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outputs = [self.downsample(x)]
@@ -213,6 +230,7 @@ class ViM2(nn.Module):
             in_dim, offset = dim, offset + count
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = in_dim
+        self.output_fmt = "NHWC"  # forward_features is channels-last, like timm's Swin
         self.norm = nn.LayerNorm(in_dim)
         self.head = ClassifierHead(in_dim, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC")
         self.apply(self._init_weights)
@@ -238,13 +256,7 @@ class ViM2(nn.Module):
         self.head.reset(num_classes, pool_type=global_pool)
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"ViM2 expects (B, {self.in_chans}, H, W) input, got shape {tuple(x.shape)}")
-        if x.shape[2] < self.patch_size or x.shape[3] < self.patch_size:
-            raise ValueError(
-                f"ViM2 needs images of at least {self.patch_size}x{self.patch_size} pixels (the patch size), "
-                f"got {x.shape[2]}x{x.shape[3]}"
-            )
+        x = _check_input(x, self.in_chans, self.patch_size)
         return self.stem_norm(self.stem(x).permute(0, 2, 3, 1))
 
     def forward_intermediates(
@@ -330,27 +342,27 @@ default_cfgs = generate_default_cfgs(
 
 @register_model
 def vim2_nano(pretrained: bool = False, **kwargs: Any) -> ViM2:
-    """chanzoo's reduced ViM2 for small images (not in the paper): dims 32-256, 2 token and 1 channel mixer per stage."""
+    """chanzoo's reduced ViM2 for small images (not in the paper): dims 32-256, 2 token + 1 channel mixer per stage."""
     args = dict(dims=(32, 64, 128, 256), token_depths=(2, 2, 2, 2), channel_depths=(1, 1, 1, 1), drop_path_rate=0.0)
     return _create_vim2("vim2_nano", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vim2_tiny(pretrained: bool = False, **kwargs: Any) -> ViM2:
-    """ViM2-T: dims 96-768, token mixers 2-2-6-2, channel mixers 1-1-3-1 (paper appendix table of scales; 20M params in its ImageNet table)."""
+    """ViM2-T: dims 96-768, token mixers 2-2-6-2, channel mixers 1-1-3-1 (paper's table of scales; 20M params)."""
     args = dict(dims=(96, 192, 384, 768), token_depths=(2, 2, 6, 2), channel_depths=(1, 1, 3, 1))
     return _create_vim2("vim2_tiny", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vim2_small(pretrained: bool = False, **kwargs: Any) -> ViM2:
-    """ViM2-S: dims 96-768, token mixers 2-2-18-2, channel mixers 1-1-9-1 (paper appendix table of scales; 43M params in its ImageNet table)."""
+    """ViM2-S: dims 96-768, token mixers 2-2-18-2, channel mixers 1-1-9-1 (paper's table of scales; 43M params)."""
     args = dict(dims=(96, 192, 384, 768), token_depths=(2, 2, 18, 2), channel_depths=(1, 1, 9, 1))
     return _create_vim2("vim2_small", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vim2_base(pretrained: bool = False, **kwargs: Any) -> ViM2:
-    """ViM2-B: dims 128-1024, token mixers 2-2-18-2, channel mixers 1-1-9-1 (paper appendix table of scales; 74M params in its ImageNet table)."""
+    """ViM2-B: dims 128-1024, token mixers 2-2-18-2, channel mixers 1-1-9-1 (paper's table of scales; 74M params)."""
     args = dict(dims=(128, 256, 512, 1024), token_depths=(2, 2, 18, 2), channel_depths=(1, 1, 9, 1))
     return _create_vim2("vim2_base", pretrained, **dict(args, **kwargs))

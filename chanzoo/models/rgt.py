@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, register_model
 from timm.models._features import feature_take_indices
-from einops.layers.torch import Rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -52,6 +51,9 @@ def _image_to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
+MIN_SIZE = 16  # the smallest side RG-SA's recursive reduction takes (two stride-4 steps at test time)
+
+
 def _rg_recursions(height: int, width: int, training: bool) -> int:
     """How many times RG-SA shrinks the features by 4 (official rule: 2 at test time, log4 of size/4 in training)."""
     if training:
@@ -59,8 +61,57 @@ def _rg_recursions(height: int, width: int, training: bool) -> int:
     return max(int(math.log(height // 16, 4)), int(math.log(width // 16, 4)), 2)
 
 
+def rg_input_size(height: int, width: int, training: bool) -> tuple[int, int]:
+    """The smallest (H, W) >= (height, width) that RG-SA's recursive stride-4 reduction can take."""
+    height, width = max(height, MIN_SIZE), max(width, MIN_SIZE)
+    while True:
+        side = 4 ** _rg_recursions(height, width, training)
+        if min(height, width) >= side:
+            return height, width
+        height, width = max(height, side), max(width, side)
+
+
+# Under torch.fx tracing each of these is one node: they branch on the feature-map size.
+@torch.fx.wrap
+def _check_input(x: torch.Tensor, in_chans: int, training: bool, method: str = "") -> torch.Tensor:
+    """``x`` unchanged if it is (B, in_chans, H, W) and, for ``method`` (which does not pad), of a size RG-SA takes."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != in_chans:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"RGT expects input of shape (B, {in_chans}, H, W), got {shape}")
+    if method and tuple(x.shape[-2:]) != rg_input_size(x.shape[-2], x.shape[-1], training):
+        raise ValueError(
+            f"RGT.{method} needs H, W >= {rg_input_size(x.shape[-2], x.shape[-1], training)} for input "
+            f"{tuple(x.shape)} (at least {MIN_SIZE}x{MIN_SIZE}); forward() pads any size"
+        )
+    return x
+
+
+@torch.fx.wrap
+def _pad_for_rg(x: torch.Tensor, training: bool) -> torch.Tensor:
+    """``x`` padded on the bottom and right to the size RG-SA's recursive reduction takes."""
+    return pad_to_size(x, *rg_input_size(x.shape[-2], x.shape[-1], training))
+
+
+@torch.fx.wrap
+def _recursive_reduction(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], training: bool
+) -> torch.Tensor:
+    """RG-SA's recursive generalization: the stride-4 depth-wise conv (``weight``, ``bias``) applied T times."""
+    for _ in range(_rg_recursions(x.shape[-2], x.shape[-1], training)):
+        x = F.conv2d(x, weight, bias, stride=4, groups=x.shape[1])
+    return x
+
+
+class ImageToTokens(nn.Module):
+    """(B, C, H, W) -> (B, H*W, C) as a module (the official ``Rearrange('b c h w -> b (h w) c')``; fx-traceable)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _image_to_tokens(x)
+
+
 class Gate(nn.Module):
-    """Spatial gate of the MLP: the second half of the channels, layer-normed and depth-wise convolved, gates the first."""
+    """Spatial gate of the MLP: the second half of the channels, layer-normed and depth-wise convolved, gates the
+    first."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -97,9 +148,13 @@ class DynamicPosBias(nn.Module):
         super().__init__()
         self.pos_dim = dim // 4
         self.pos_proj = nn.Linear(2, self.pos_dim)
-        self.pos1 = nn.Sequential(nn.LayerNorm(self.pos_dim), nn.ReLU(inplace=True), nn.Linear(self.pos_dim, self.pos_dim))
-        self.pos2 = nn.Sequential(nn.LayerNorm(self.pos_dim), nn.ReLU(inplace=True), nn.Linear(self.pos_dim, self.pos_dim))
-        self.pos3 = nn.Sequential(nn.LayerNorm(self.pos_dim), nn.ReLU(inplace=True), nn.Linear(self.pos_dim, num_heads))
+
+        def norm_relu_linear(out_dim: int) -> nn.Sequential:
+            return nn.Sequential(nn.LayerNorm(self.pos_dim), nn.ReLU(inplace=True), nn.Linear(self.pos_dim, out_dim))
+
+        self.pos1 = norm_relu_linear(self.pos_dim)
+        self.pos2 = norm_relu_linear(self.pos_dim)
+        self.pos3 = norm_relu_linear(num_heads)
 
     def forward(self, offsets: torch.Tensor) -> torch.Tensor:
         return self.pos3(self.pos2(self.pos1(self.pos_proj(offsets))))
@@ -117,7 +172,8 @@ class WindowAttention(nn.Module):
         self.pos = DynamicPosBias(dim // 4, num_heads)
         dy = torch.arange(1 - window_h, window_h)
         dx = torch.arange(1 - window_w, window_w)
-        self.register_buffer("rpe_biases", torch.stack(torch.meshgrid(dy, dx, indexing="ij")).flatten(1).T.float(), False)
+        offsets = torch.stack(torch.meshgrid(dy, dx, indexing="ij")).flatten(1).T.float()
+        self.register_buffer("rpe_biases", offsets, False)
         coords = torch.stack(torch.meshgrid(torch.arange(window_h), torch.arange(window_w), indexing="ij")).flatten(1)
         rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
         index = (rel[..., 0] + window_h - 1) * (2 * window_w - 1) + rel[..., 1] + window_w - 1
@@ -132,9 +188,9 @@ class WindowAttention(nn.Module):
         return x.reshape(batch, -1, self.num_heads, wh * ww, channels // self.num_heads)
 
     def forward(self, qkv: torch.Tensor, height: int, width: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``qkv``: (3, B, H*W, C) with H, W multiples of the window; ``mask``: (windows, N, N); returns (B, H, W, C)."""
+        """``qkv``: (3, B, H*W, C), H and W multiples of the window; ``mask``: (windows, N, N); returns (B, H, W, C)."""
         batch, _, channels = qkv.shape[1:]
-        q, k, v = (self._partition(t, height, width) for t in qkv)
+        q, k, v = (self._partition(qkv[i], height, width) for i in range(3))
         tokens = self.window_h * self.window_w
         bias = self.pos(self.rpe_biases)[self.relative_position_index.view(-1)].view(tokens, tokens, -1)
         bias = bias.permute(2, 0, 1)  # heads, N, N
@@ -148,13 +204,11 @@ class WindowAttention(nn.Module):
         return x.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, height, width, channels)
 
 
-@functools.lru_cache(maxsize=32)
-def _shift_mask(
-    height: int, width: int, window_h: int, window_w: int, shift_h: int, shift_w: int, device: torch.device | None = None
+def _build_shift_mask(
+    height: int, width: int, window_h: int, window_w: int, shift_h: int, shift_w: int,
+    device: Optional[torch.device] = None,
 ) -> torch.Tensor:
-    """Swin-style mask (-100 between tokens from different regions) for cyclically shifted windows; (windows, N, N).
-
-    Built once per size and device (cached), so no forward copies it between host and device."""
+    """Swin-style mask (-100 between tokens from different regions) for cyclically shifted windows; (windows, N, N)."""
     regions = torch.zeros(height, width, device=device)
     label = 0
     for hs in (slice(0, -window_h), slice(-window_h, -shift_h), slice(-shift_h, None)):
@@ -165,6 +219,21 @@ def _shift_mask(
     windows = windows.reshape(-1, window_h * window_w)
     diff = windows.unsqueeze(1) - windows.unsqueeze(2)
     return diff.masked_fill(diff != 0, -100.0)
+
+
+_cached_shift_mask = functools.lru_cache(maxsize=32)(_build_shift_mask)
+
+
+@torch.fx.wrap  # one node under torch.fx tracing (the mask depends on the feature-map size)
+def _shift_mask(
+    height: int, width: int, window_h: int, window_w: int, shift_h: int, shift_w: int,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """The shifted-window mask, built once per size and device in eager mode (so no forward copies it between host
+    and device); under torch.export / torch.compile it is built in the graph, so no traced tensor enters the cache."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return _build_shift_mask(height, width, window_h, window_w, shift_h, shift_w, device)
+    return _cached_shift_mask(height, width, window_h, window_w, shift_h, shift_w, device)
 
 
 class L_SA(nn.Module):
@@ -268,9 +337,9 @@ class RG_SA(nn.Module):
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         batch, length, channels = x.shape
         heads = self.num_heads
-        reduced = _tokens_to_image(x, height, width)
-        for _ in range(_rg_recursions(height, width, self.training)):
-            reduced = self.reduction1(reduced)
+        reduced = _recursive_reduction(
+            _tokens_to_image(x, height, width), self.reduction1.weight, self.reduction1.bias, self.training
+        )
         rh, rw = reduced.shape[-2:]
         reduced = self.norm_act(_image_to_tokens(self.conv(self.dwconv(reduced))))  # B, N', cr
 
@@ -443,11 +512,12 @@ class RGT(nn.Module):
         self.split_size = tuple(split_size)
         self.num_features = self.embed_dim = embed_dim
         num_feat = 64
+        self.head_hidden_size = num_feat  # forward_head(pre_logits=True): the up-sampled features
         mean = DIV2K_RGB_MEAN if in_chans == 3 else (0.0,) * in_chans
         self.register_buffer("mean", torch.tensor(mean).view(1, in_chans, 1, 1), persistent=False)
 
         self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, padding=1)
-        self.before_RG = nn.Sequential(Rearrange("b c h w -> b (h w) c"), nn.LayerNorm(embed_dim))
+        self.before_RG = nn.Sequential(ImageToTokens(), nn.LayerNorm(embed_dim))
         dpr = torch.linspace(0, drop_path_rate, sum(depth), device="cpu").tolist()
         self.layers = nn.ModuleList()
         self.feature_info = []
@@ -470,7 +540,9 @@ class RGT(nn.Module):
             self.feature_info.append(dict(num_chs=embed_dim, reduction=1, module=f"layers.{i}"))
         self.norm = nn.LayerNorm(embed_dim)
         self.conv_after_body = nn.Conv2d(embed_dim, embed_dim, 3, padding=1)
-        self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_feat, 3, padding=1), nn.LeakyReLU(inplace=True))
+        self.conv_before_upsample = nn.Sequential(
+            nn.Conv2d(embed_dim, num_feat, 3, padding=1), nn.LeakyReLU(inplace=True)
+        )
         self.upsample = Upsample(upscale, num_feat)
         self.conv_last = nn.Conv2d(num_feat, in_chans, 3, padding=1)
         self.apply(self._init_weights)
@@ -498,17 +570,7 @@ class RGT(nn.Module):
 
     def min_input_size(self, height: int, width: int) -> tuple[int, int]:
         """The smallest (H, W) >= (height, width) that RG-SA's recursive stride-4 reduction can take."""
-        height, width = max(height, 16), max(width, 16)
-        while True:
-            side = 4 ** _rg_recursions(height, width, self.training)
-            if min(height, width) >= side:
-                return height, width
-            height, width = max(height, side), max(width, side)
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != self.in_chans:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"RGT expects input of shape (B, {self.in_chans}, H, W), got {shape}")
+        return rg_input_size(height, width, self.training)
 
     def _body(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         height, width = x.shape[-2:]
@@ -521,17 +583,13 @@ class RGT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Deep features (B, embed_dim, H, W) of an image whose size the model takes (see ``min_input_size``)."""
-        self._check_input(x)
-        if tuple(x.shape[-2:]) != self.min_input_size(*x.shape[-2:]):
-            raise ValueError(
-                f"RGT.forward_features needs H, W >= {self.min_input_size(*x.shape[-2:])} for input {tuple(x.shape)}; "
-                "forward() pads any size"
-            )
+        x = _check_input(x, self.in_chans, self.training, "forward_features")
         x = self.conv_first((x - self.mean) * self.img_range)
         return self.conv_after_body(self._body(x)[0]) + x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Reconstruction: conv + LeakyReLU, pixel-shuffle up-sampling, conv to the image (``pre_logits``: before it)."""
+        """Reconstruction: conv + LeakyReLU, pixel-shuffle up-sampling, conv to the image (``pre_logits``: not the
+        last conv)."""
         x = self.upsample(self.conv_before_upsample(x))
         if pre_logits:
             return x
@@ -550,7 +608,7 @@ class RGT(nn.Module):
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW' for RGT, got {output_fmt!r}")
         take_indices, _ = feature_take_indices(len(self.layers), indices)
-        self._check_input(x)
+        x = _check_input(x, self.in_chans, self.training, "forward_intermediates")
         height, width = x.shape[-2:]
         shallow = self.conv_first((x - self.mean) * self.img_range)
         final, groups = self._body(shallow)
@@ -561,9 +619,9 @@ class RGT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Super-resolve ``x`` (B, C, H, W) in [0, 1] to (B, C, scale*H, scale*W); any H, W >= 1."""
-        self._check_input(x)
+        x = _check_input(x, self.in_chans, self.training)
         height, width = x.shape[-2:]
-        padded = pad_to_size(x, *self.min_input_size(height, width))
+        padded = _pad_for_rg(x, self.training)
         return crop_output(self.forward_head(self.forward_features(padded)), height, width, self.upscale)
 
 
@@ -610,7 +668,7 @@ def _cfg(arch: str, scale: int, **kwargs: Any) -> dict[str, Any]:
     return {
         "num_classes": 0,
         "input_size": (3, 64, 64),
-        "min_input_size": (3, 1, 1),
+        "min_input_size": (3, MIN_SIZE, MIN_SIZE),  # forward_features' smallest; forward() pads any size
         "crop_pct": 1.0,
         "interpolation": "bicubic",
         "mean": (0.0, 0.0, 0.0),

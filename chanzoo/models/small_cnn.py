@@ -18,6 +18,13 @@ from chanzoo.channel.registry import ChannelModuleSpec, get_channel_module
 __all__ = ["SmallCNN"]
 
 
+@torch.fx.wrap  # one node under torch.fx tracing; the check runs whenever the traced graph does
+def _check_input(x: torch.Tensor, in_chans: int) -> torch.Tensor:
+    if x.ndim != 4 or x.shape[1] != in_chans:
+        raise ValueError(f"SmallCNN expects (B, {in_chans}, H, W) input, got shape {tuple(x.shape)}")
+    return x
+
+
 def _conv_bn_relu(in_chs: int, out_chs: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_chs, out_chs, 3, padding=1, bias=False), nn.BatchNorm2d(out_chs), nn.ReLU(inplace=True)
@@ -107,9 +114,7 @@ class SmallCNN(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"SmallCNN expects (B, {self.in_chans}, H, W) input, got shape {tuple(x.shape)}")
-        return self.stages(x)
+        return self.stages(_check_input(x, self.in_chans))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)

@@ -282,7 +282,9 @@ class _EagerScan(torch.autograd.Function):
                 _from_blocks(dC.squeeze(-2), length))
 
 
-def _scan_eager(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+def _scan_eager(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
+) -> torch.Tensor:
     """Scan core through the eager autograd.Function; B, C come in as (b, G, N, L)."""
     return _EagerScan.apply(u, delta, A, B, C)
 
@@ -445,6 +447,8 @@ def _resolve(backend: str, u: torch.Tensor) -> str:
         return backend
     if backend != "auto":
         return backend
+    if u.is_meta:  # shapes only: the C++ op's fake kernel, so FLOP counts on meta equal those of the kernel paths
+        return "cpp"
     if u.is_cuda and _mamba_ssm_fn() is not None:
         _log_once("mamba_ssm", "CUDA tensors and the mamba_ssm package is installed")
         return "mamba_ssm"
@@ -470,7 +474,9 @@ def selective_scan(
     """The S6 selective scan with mamba_ssm's ``selective_scan_fn`` signature (see the module docstring).
 
     ``backend='auto'`` picks mamba_ssm's CUDA kernel for CUDA tensors when installed, the C++ kernel on the CPU,
-    else the eager path, and logs the choice once. Computation is in float32; the result has ``u``'s dtype.
+    else the eager path, and logs the choice once. Meta tensors go through the C++ op's shape function (no build
+    needed), so ``FlopCounterMode`` counts the same on the meta device as with either kernel: the scan core is one
+    opaque op, not the eager path's chunk products. Computation is in float32; the result has ``u``'s dtype.
     """
     _check(u, delta, A, B, C, D, z, delta_bias)
     path = _resolve(backend, u)

@@ -16,6 +16,7 @@ from skimage.transform import resize
 
 import chanzoo  # noqa: F401  (registers the models with timm)
 from chanzoo.data.channel_sampling import ChannelSampling, drop_channels, sample_channel_subset
+from chanzoo.models import channelvit
 from chanzoo.models.channelvit import ChannelVisionTransformer, checkpoint_filter_fn
 
 # Backbone parameter counts (num_classes=0, img_size=224) of the official code, obtained by instantiating
@@ -162,7 +163,8 @@ def official_layout(model: ChannelVisionTransformer, channel_embed: str, lightni
         sd["patch_embed.channel_embed"] = table.t()[None, :, :, None, None]
     if lightning:
         head = {k.replace("head.", "classifier."): sd.pop(k) for k in list(sd) if k.startswith("head.")}
-        sd = {"state_dict": {**{f"backbone.{k}": v for k, v in sd.items()}, **head, "dino_head.last_layer.weight": table}}
+        backbone = {f"backbone.{k}": v for k, v in sd.items()}
+        sd = {"state_dict": {**backbone, **head, "dino_head.last_layer.weight": table}}
     return sd
 
 
@@ -215,8 +217,9 @@ def test_other_image_sizes_are_resampled_like_the_official_code() -> None:
     grid = model.patch_embed.grid_size
     pos = model.pos_embed[:, 1:].reshape(1, *grid, -1).permute(0, 3, 1, 2)
     pos = F.interpolate(pos, scale_factor=(6.1 / 4, 6.1 / 4), mode="bicubic").flatten(2).transpose(1, 2)
-    assert model._patch_pos_embed((6, 6), 4).shape == (1, 4 * 36, 48)
-    assert torch.equal(model._patch_pos_embed((6, 6), 4)[:, 36:72], pos)
+    table = channelvit._patch_pos_embed(model.pos_embed, grid, 6, 6, 4)
+    assert table.shape == (1, 4 * 36, 48)
+    assert torch.equal(table[:, 36:72], pos)
     assert out.shape == (2, 48) and torch.isfinite(out).all()
 
 
@@ -272,3 +275,22 @@ def test_loss_falls_on_real_digits_with_hcs() -> None:
         opt.step()
     after = eval_loss()
     assert after < 0.5 * before and math.isfinite(after)
+
+
+def test_pretrained_with_fewer_channels_keeps_the_checkpoint_rows(tmp_path, caplog) -> None:
+    """timm.create_model(..., pretrained=True, in_chans=1) on an RGB release: like timm's first-conv adaptation,
+    the model keeps the checkpoint's channel-0 embedding and reproduces the 3-channel model on that channel."""
+    torch.manual_seed(0)
+    source = timm.create_model("channelvit_tiny_p16", num_classes=0, img_size=32, depth=2).eval()
+    file = tmp_path / "official.pth"
+    torch.save(official_layout(source, "parameter"), file)
+    with caplog.at_level("INFO", logger="chanzoo.models.channelvit"):
+        gray = timm.create_model(
+            "channelvit_tiny_p16", pretrained=True, in_chans=1, num_classes=0, img_size=32, depth=2,
+            pretrained_cfg_overlay=dict(file=str(file), num_classes=0),
+        ).eval()
+    assert "channels 0..0 of 3 (in_chans=1)" in caplog.text
+    assert torch.equal(gray.patch_embed.channel_embed.weight, source.patch_embed.channel_embed.weight[:1])
+    x = real_channels(32)[:, :1]
+    with torch.no_grad():
+        assert torch.equal(gray(x), source(x, torch.tensor([0])))

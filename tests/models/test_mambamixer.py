@@ -157,3 +157,31 @@ def test_bad_inputs():
         timm.create_model("vim2_nano", token_depths=(3, 2, 2, 2), channel_depths=(2, 1, 1, 1))
     with pytest.raises(ValueError, match="same length"):
         timm.create_model("vim2_nano", dims=(32, 64))
+
+
+def test_flops_on_the_meta_device_equal_those_of_a_real_tensor() -> None:
+    """benchmarks/model_table.py counts on the meta device; the scan must count there as on the CPU kernel."""
+    from chanzoo.profile import count_flops
+
+    counts = []
+    for device in ("meta", "cpu"):
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = timm.create_model("vim2_nano").eval()
+            with torch.no_grad():
+                counts.append(count_flops(model, torch.zeros(1, 1, 28, 28))[1])
+    assert counts[0] == counts[1]
+
+
+def test_stage_insertion_runs_the_module_on_nchw_features() -> None:
+    """attn_position='stage' reads output_fmt='NHWC' and gives the module NCHW maps: the stage-inserted SE equals the
+    native slot's SE with the same weights (both act on each stage's output)."""
+    x = torch.from_numpy(data.camera()[::16, ::16][:28, :28].astype(np.float32) / 255)[None, None]
+    torch.manual_seed(0)
+    native = chanzoo.create_model("vim2_nano", attn="se").eval()
+    staged = chanzoo.create_model("vim2_nano", attn="se", attn_position="stage").eval()
+    assert staged.output_fmt == "NHWC" and type(staged.stages[0].channel_attn.attn).__name__ == "SqueezeExcite"
+    state = {k.replace(".attn.", ".channel_attn.attn."): v for k, v in native.state_dict().items()}
+    staged.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(staged(x), native(x))
