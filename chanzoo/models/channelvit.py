@@ -35,8 +35,8 @@ from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from chanzoo.ops.channel_sampling import sample_channel_subset
 from chanzoo.hub import generate_default_cfgs
+from chanzoo.ops.channel_sampling import sample_channel_subset
 
 __all__ = ["ChannelVisionTransformer", "PatchEmbedPerChannel", "checkpoint_filter_fn"]
 

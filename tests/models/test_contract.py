@@ -17,7 +17,7 @@ each family. Families without a small registered member (RGT, Histoformer) run w
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -81,7 +81,7 @@ def _probe_side(model: torch.nn.Module) -> int:
     return max(info["reduction"] for info in model.feature_info)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _photo(channels: int, side: int) -> torch.Tensor:
     """(2, channels, side, side) in [0, 1]: two skimage photos, their RGB planes and grey levels as channels."""
     images = []
