@@ -1,8 +1,8 @@
 """One switch for fast execution: ``torch.compile`` (whole model or its repeated blocks) and channels-last.
 
 ``prepare_model`` is what ``train.py``, ``eval.py`` and ``python -m chanzoo.profile`` call. Each option takes
-``'auto'``, which turns it on only where it was measured to pay on the current device (see ``CPU_MEASURED`` and
-docs/benchmarks.md); the returned ``applied`` dict, also logged, says what was done and why.
+``'auto'``, which turns it on only where it was measured to pay on the current device, for inference and for
+training separately (``CPU_MEASURED_INFERENCE``, ``CPU_MEASURED_TRAINING`` and docs/benchmarks.md); the returned ``applied`` dict, also logged, says what was done and why.
 """
 from __future__ import annotations
 
@@ -19,11 +19,18 @@ _logger = logging.getLogger(__name__)
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-# What 'auto' turns on for a model family (its timm module) on CPU, decided by
-# ``python benchmarks/acceleration.py`` at batch 8, 224x224, fp32, inference (figures in docs/benchmarks.md).
-# Families not listed run eager and contiguous on CPU: neither switch was shown to pay for them.
-CPU_MEASURED: dict[str, dict[str, bool]] = {
+# What 'auto' turns on for a model family (its timm module) on CPU, measured separately for inference and for
+# training, since compilation pays differently for the two. Families not listed run eager and contiguous on CPU:
+# neither switch was shown to pay for them.
+# Inference: ``python benchmarks/acceleration.py`` at batch 8, 224x224, fp32 (figures in docs/benchmarks.md).
+CPU_MEASURED_INFERENCE: dict[str, dict[str, bool]] = {
     "davit": {"channels_last": False, "compile": True},
+    "inception_next": {"channels_last": True, "compile": True},
+}
+# Training: ``python benchmarks/train_step.py --levers`` at batch 8, 224x224, fp32, SGD. DaViT-T's regional compile
+# trained at 0.99x timm eager after about a minute of compilation, so DaViT trains eager; InceptionNeXt-T's compiled
+# channels-last step was 1.11x timm eager.
+CPU_MEASURED_TRAINING: dict[str, dict[str, bool]] = {
     "inception_next": {"channels_last": True, "compile": True},
 }
 
@@ -83,7 +90,8 @@ def prepare_model(
 
     Args:
         model: any ``nn.Module``; it is changed in place (``nn.Module.compile``), so its state-dict keys stay.
-        compile: compile with ``torch.compile``; 'auto' = on CUDA always, on CPU where ``CPU_MEASURED`` says it pays.
+        compile: compile with ``torch.compile``; 'auto' = on CUDA always, on CPU where it was measured to pay for
+            this use (``CPU_MEASURED_INFERENCE`` or ``CPU_MEASURED_TRAINING``).
         compile_mode: ``torch.compile``'s mode (one of ``COMPILE_MODES``).
         channels_last: store 4-D weights (and expect inputs) as NHWC; 'auto' = on CUDA always, on CPU where
             measured faster for the family.
@@ -102,15 +110,17 @@ def prepare_model(
         raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
     dev = _resolve_device(device, model)
     family = model_family(model)
-    measured = CPU_MEASURED.get(family, {"channels_last": False, "compile": False})
+    table_name = "CPU_MEASURED_INFERENCE" if inference else "CPU_MEASURED_TRAINING"
+    table = CPU_MEASURED_INFERENCE if inference else CPU_MEASURED_TRAINING
+    measured = table.get(family, {"channels_last": False, "compile": False})
     on_cuda = dev.type == "cuda"
-    applied: dict[str, Any] = {"device": str(dev), "family": family}
+    applied: dict[str, Any] = {"device": str(dev), "family": family, "use": "inference" if inference else "training"}
     if on_cuda:
         reason = "auto: on for CUDA"
-    elif family in CPU_MEASURED:
-        reason = f"auto: CPU_MEASURED[{family!r}]"
+    elif family in table:
+        reason = f"auto: {table_name}[{family!r}]"
     else:
-        reason = f"auto: {family!r} not measured on CPU, so off"
+        reason = f"auto: {family!r} not in {table_name}, so off"
 
     if channels_last == "auto":
         channels_last = on_cuda or measured["channels_last"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import chanzoo
-from chanzoo.acceleration import CPU_MEASURED, prepare_model, repeated_blocks, to_input_format
+from chanzoo.acceleration import CPU_MEASURED_INFERENCE, CPU_MEASURED_TRAINING, prepare_model, repeated_blocks, to_input_format
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +61,26 @@ def test_repeated_blocks_of_timm_families() -> None:
 
 def test_auto_follows_the_measured_table() -> None:
     model, applied = prepare_model(_small_cnn(), compile="auto", channels_last="auto", device="cpu")
-    assert "small_cnn" not in CPU_MEASURED
+    assert "small_cnn" not in CPU_MEASURED_TRAINING
     assert applied["compile"] == "off" and applied["channels_last"] is False  # not measured: eager, contiguous
     assert applied["compile_reason"].startswith("auto") and applied["family"] == "small_cnn"
     with torch.device("meta"):
         davit = chanzoo.create_model("davit_tiny")
     _, applied = prepare_model(davit, compile="false", channels_last="auto", device="meta")  # not CUDA: the table
-    assert applied["channels_last"] is CPU_MEASURED["davit"]["channels_last"] and applied["compile"] == "off"
+    assert applied["channels_last"] is False and applied["compile"] == "off"
+
+
+@pytest.mark.parametrize("inference, table", [(True, CPU_MEASURED_INFERENCE), (False, CPU_MEASURED_TRAINING)])
+def test_auto_uses_the_table_measured_for_training_or_inference(inference: bool, table: dict) -> None:
+    """DaViT compiles for inference (measured to pay) but trains eager (its compiled training step did not pay)."""
+    with torch.device("meta"):
+        davit = chanzoo.create_model("davit_tiny")
+    # compile=auto on a meta model only decides: count what it would do through the reason and the table
+    _, applied = prepare_model(davit, compile="false", channels_last="auto", device="meta", inference=inference)
+    assert applied["use"] == ("inference" if inference else "training")
+    name = "CPU_MEASURED_INFERENCE" if inference else "CPU_MEASURED_TRAINING"
+    assert name in applied["channels_last_reason"]
+    assert ("davit" in table) is inference
 
 
 @pytest.mark.parametrize("kwargs, match", [
