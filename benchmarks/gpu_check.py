@@ -159,7 +159,8 @@ def training_speed(specs: list[str], device: torch.device, batch: int, img: int,
             opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
             xin = x.contiguous(memory_format=torch.channels_last) if label.startswith("chanzoo") else x
 
-            def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt, xin: torch.Tensor = xin) -> Any:
+            def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt, xin: torch.Tensor = xin,
+                     y: torch.Tensor = y) -> Any:
                 with torch.autocast(device.type, dtype=torch.bfloat16):
                     loss = nn.functional.cross_entropy(model(xin), y)
                 loss.backward()
@@ -225,7 +226,8 @@ def scan_check(device: torch.device, batch: int, dim: int, length: int, state: i
 
 def markdown(report: dict) -> str:
     lines = [f"GPU check on {report['machine']} (torch {report['torch']}), `python benchmarks/gpu_check.py`", "",
-             "| family | model | path | out rel. err | grad rel. err | tolerance | ok |", "|---|---|---|---|---|---|---|"]
+             "| family | model | path | out rel. err | grad rel. err | tolerance | ok |",
+             "|---|---|---|---|---|---|---|"]
     for r in report["numerics"]:
         lines.append(f"| {r['family']} | {r['model']} | {r['path']} | {r['out_rel_err']:.1e} | "
                      f"{r['grad_rel_err']:.1e} | {r['tolerance']:.0e} | {'yes' if r['ok'] else 'NO'} |")

@@ -2,7 +2,8 @@
 
 ``prepare_model`` is what ``train.py``, ``eval.py`` and ``python -m chanzoo.profile`` call. Each option takes
 ``'auto'``, which turns it on only where it was measured to pay on the current device, for inference and for
-training separately (``CPU_MEASURED_INFERENCE``, ``CPU_MEASURED_TRAINING`` and docs/benchmarks.md); the returned ``applied`` dict, also logged, says what was done and why.
+training separately (``CPU_MEASURED_INFERENCE``, ``CPU_MEASURED_TRAINING`` and docs/benchmarks.md); the returned
+``applied`` dict, also logged, says what was done and why.
 """
 from __future__ import annotations
 

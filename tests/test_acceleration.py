@@ -6,7 +6,13 @@ import pytest
 import torch
 
 import chanzoo
-from chanzoo.acceleration import CPU_MEASURED_INFERENCE, CPU_MEASURED_TRAINING, prepare_model, repeated_blocks, to_input_format
+from chanzoo.acceleration import (
+    CPU_MEASURED_INFERENCE,
+    CPU_MEASURED_TRAINING,
+    prepare_model,
+    repeated_blocks,
+    to_input_format,
+)
 
 
 @pytest.fixture(scope="module")
