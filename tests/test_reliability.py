@@ -332,3 +332,13 @@ def test_restore_refuses_random_weights_and_unwritable_output_before_inference(t
     result = restore(*tiny)
     assert result.returncode == 0, result.stderr[-3000:]
     assert Image.open(tmp_path / "out.png").size == (64, 64)
+
+
+def test_finite_check_accepts_empty_tensors() -> None:
+    """Models can hold zero-element parameters (RGT at small widths): they must not break the non-finite guard."""
+    from chanzoo.tasks.guard import _all_finite
+
+    assert _all_finite([torch.zeros(0), torch.ones(3)])
+    assert _all_finite([torch.zeros(0)])
+    assert not _all_finite([torch.zeros(0), torch.tensor([1.0, float("nan")])])
+    assert not _all_finite([torch.tensor([float("inf")])])

@@ -99,5 +99,8 @@ class NonFiniteGuardMixin:
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
     """Whether every entry of ``tensors`` is finite (their largest absolute entry is NaN or inf otherwise)."""
+    tensors = [t for t in tensors if t.numel()]  # an empty tensor has no largest entry (and nothing to check)
+    if not tensors:
+        return True
     largest = torch.nn.utils.get_total_norm(tensors, norm_type=float("inf"), error_if_nonfinite=False)
     return bool(torch.isfinite(largest))
