@@ -19,7 +19,7 @@ KILLS = 10
 RUN = [
     "data.subset=300", "data.batch_size=8", "data.eval_batch_size=60", "trainer.max_epochs=1000",
     "+callbacks.checkpoint.every_n_train_steps=1", "test_after_fit=false", "trainer.enable_progress_bar=false",
-    "trainer.num_sanity_val_steps=0", "model.compile=false",
+    "trainer.num_sanity_val_steps=0", "accel.compile=false",
 ]
 
 

@@ -32,7 +32,7 @@ from chanzoo.callbacks import (
 from chanzoo.tasks.guard import NonFiniteError
 from support import FASHION_MNIST, REPO, run_entry
 
-TINY = ["data.subset=400", "data.batch_size=32", "trainer.enable_progress_bar=false", "model.compile=false"]
+TINY = ["data.subset=400", "data.batch_size=32", "trainer.enable_progress_bar=false", "accel.compile=false"]
 
 
 def _run_dirs(runs: Path) -> list[Path]:
@@ -147,11 +147,11 @@ def test_tasks_declare_their_monitor_and_run_tags_tell_models_apart():
         cfg = compose("config", overrides=["model=rgt_s_x2"])
         classification = compose("config")
         eca = compose("config", overrides=["model.attn=eca"])
-        eca_compiled = compose("config", overrides=["model.attn=eca", "model.compile=false"])
+        eca_weights = compose("config", overrides=["model.attn=eca", "model.pretrained_file=weights.pth", "accel.compile=true"])
     assert cfg.callbacks.checkpoint.monitor == "val/psnr" and cfg.optimized_metric == "best/val/psnr"
     assert classification.callbacks.checkpoint.monitor == "val/acc1"
-    # run folders end in a hash of the model config: another channel module, another folder; compile does not count
-    assert len(classification.run_tag) == 7 and classification.run_tag != eca.run_tag == eca_compiled.run_tag
+    # run folders end in a hash of the model config: another channel module, another folder; weights and compile do not
+    assert len(classification.run_tag) == 7 and classification.run_tag != eca.run_tag == eca_weights.run_tag
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -241,7 +241,7 @@ def test_batch_larger_than_data_is_an_error_before_training(tmp_path):
 def test_image_folder_classes_set_the_head_and_a_mismatch_is_named(tmp_path):
     root = _two_class_folder(tmp_path / "data")
     data = ["data=image_folder", f"data.root={root}", "data.img_size=28", "data.num_workers=0", "data.batch_size=8",
-            "model=small_cnn", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "model.compile=false"]
+            "model=small_cnn", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "accel.compile=false"]
     result = run_entry("train.py", data, tmp_path / "runs")
     assert result.returncode == 0, result.stderr[-3000:]
     [run] = _run_dirs(tmp_path / "runs")
@@ -263,7 +263,7 @@ def test_corrupt_image_is_named_in_one_line_and_verify_finds_it_at_setup(tmp_pat
     bad = root / "train" / "sneaker" / "005.png"
     bad.write_bytes(bad.read_bytes()[:60])  # truncated PNG
     data = ["data=image_folder", f"data.root={root}", "data.img_size=28", "data.num_workers=0", "data.batch_size=8",
-            "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "model.compile=false"]
+            "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "accel.compile=false"]
     line = _one_line_error(run_entry("train.py", data, tmp_path / "runs"))
     assert f"corrupt or unreadable image file {bad}" in line
     result = run_entry("train.py", [*data, "data.verify=true"], tmp_path / "runs2")
