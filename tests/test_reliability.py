@@ -147,7 +147,8 @@ def test_tasks_declare_their_monitor_and_run_tags_tell_models_apart():
         cfg = compose("config", overrides=["model=rgt_s_x2"])
         classification = compose("config")
         eca = compose("config", overrides=["model.attn=eca"])
-        eca_weights = compose("config", overrides=["model.attn=eca", "model.pretrained_file=weights.pth", "accel.compile=true"])
+        eca_weights = compose("config", overrides=["model.attn=eca", "model.pretrained_file=weights.pth",
+                                                   "accel.compile=true"])
     assert cfg.callbacks.checkpoint.monitor == "val/psnr" and cfg.optimized_metric == "best/val/psnr"
     assert classification.callbacks.checkpoint.monitor == "val/acc1"
     # run folders end in a hash of the model config: another channel module, another folder; weights and compile do not
