@@ -11,7 +11,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -119,6 +119,8 @@ class _StoreModelConfig(L.Callback):
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the task on the data, then test the best checkpoint; returns the final metrics (also in metrics.json)."""
+    if cfg.task.get("runner"):  # a task that runs its own loop, e.g. task=continual (a sequence of tasks)
+        return get_method(cfg.task.runner)(cfg)
     out_dir = _output_dir()
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg.data)

@@ -166,20 +166,24 @@ def l2_norm_penalty(parameters: Iterable[torch.Tensor], weight: float = OFFICIAL
     return weight * torch.stack(norms).sum()
 
 
-def save_task(model: nn.Module, path: PathLike) -> Path:
-    """Write the current task's state (``task_state_dict``) to a safetensors file, atomically."""
+def save_tensors(state: dict[str, torch.Tensor], path: PathLike) -> Path:
+    """Write tensors to a safetensors file atomically (a temporary file renamed into place)."""
     path = Path(path)
-    state = {key: value.detach().contiguous().cpu() for key, value in task_state_dict(model).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
     try:
-        save_file(state, tmp)
+        save_file({key: value.detach().contiguous().cpu() for key, value in state.items()}, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def save_task(model: nn.Module, path: PathLike) -> Path:
+    """Write the current task's state (``task_state_dict``) to a safetensors file, atomically."""
+    return save_tensors(task_state_dict(model), path)
 
 
 def load_task(model: nn.Module, path: PathLike) -> nn.Module:
