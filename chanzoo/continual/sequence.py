@@ -178,6 +178,12 @@ def build_sequence(spec: Mapping[str, Any]) -> list[SequenceTask]:
         classes = _class_ids(entry.get("classes") or list(range(total)), names, total, name)
         view = class_subset_view(source, classes) if classes != list(range(total)) else source
         class_names = [names[c] if c < len(names) else str(c) for c in classes]
+        batch_size = int(getattr(view, "batch_size", 1))
+        if len(view.train_set) < batch_size:  # the training loader drops the last partial batch
+            raise ValueError(
+                f"task {name!r} has {len(view.train_set)} training samples, fewer than one batch of "
+                f"data.batch_size={batch_size}: it would train no step; lower the batch size"
+            )
         tasks.append(SequenceTask(name=name, classes=classes, class_names=class_names, datamodule=view))
         _logger.info("task %d %s: classes %s, %d train / %d test samples", index, name, class_names,
                      len(view.train_set), len(view.test_set))

@@ -81,6 +81,8 @@ def test_image_folder_class_subsets_by_name_and_one_task_per_root(photos: dict[s
     ({"data": FMNIST, "tasks": [{"classes": [3, 3]}]}, "must be at least two distinct classes"),
     ({"data": FMNIST, "tasks": [{"classes": [0, 1], "labels": 2}]}, r"unknown key\(s\) \['labels'\]"),
     ({"roots": ["/nowhere"]}, "roots: needs `data`"),
+    ({"data": {**FMNIST, "batch_size": 400}, "classes_per_task": 2},
+     r"task .task0. has 3\d\d training samples, fewer than one batch of data.batch_size=400"),
 ])
 def test_sequence_errors_name_the_problem(spec: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
