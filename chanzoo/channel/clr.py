@@ -217,7 +217,7 @@ def load_task_state(model: nn.Module, state: dict[str, torch.Tensor], source: st
 
 
 def resize_classifier(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Give ``model`` a new (trainable) classifier of the width that ``state``'s classifier weight has, if it differs."""
+    """Give ``model`` a new (trainable) classifier of the width of ``state``'s classifier weight, if it differs."""
     head = classifier_name(model)
     key = f"{head}.weight" if head else None
     if key is None or key not in state or not hasattr(model, "reset_classifier"):

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+
 import torch
 from torch import nn
 
@@ -39,7 +40,9 @@ class ContinualMethod:
 
     def __init__(self, anchor: nn.Module) -> None:
         if not callable(getattr(anchor, "reset_classifier", None)) or classifier_name(anchor) is None:
-            raise TypeError(f"continual methods need a timm-style classifier (reset_classifier), not {type(anchor).__name__}")
+            raise TypeError(
+                f"continual methods need a timm-style classifier (reset_classifier), not {type(anchor).__name__}"
+            )
         self.model = copy.deepcopy(anchor)
         self.backbone_params = sum(p.numel() for n, p in anchor.named_parameters() if not self._is_head(n, anchor))
 

@@ -65,7 +65,9 @@ def draw_heatmap(ax: Any, matrix: Matrix, names: Sequence[str], title: str) -> N
     ax.set_title(title, fontsize=9)
 
 
-def save_heatmaps(panels: Sequence[tuple[Matrix, Sequence[str], str]], path: Path, columns: Optional[int] = None) -> Path:
+def save_heatmaps(
+    panels: Sequence[tuple[Matrix, Sequence[str], str]], path: Path, columns: Optional[int] = None
+) -> Path:
     """A PNG with one heatmap per (matrix, task names, title) panel."""
     import matplotlib
 

@@ -64,7 +64,8 @@ class ContinualRunner:
     ) -> None:
         if not tasks:
             raise ValueError("a continual run needs at least one task")
-        self.method, self.tasks, self.fit, self.device, self.task_dir = method, tasks, fit, torch.device(device), task_dir
+        self.method, self.tasks, self.fit, self.task_dir = method, tasks, fit, task_dir
+        self.device = torch.device(device)
         n = len(tasks)
         self.accuracy = [[math.nan] * n for _ in range(n)]
         self.identical: list[list[Optional[bool]]] = [[None] * n for _ in range(n)]
@@ -155,7 +156,9 @@ def load_backbone(model: nn.Module, path: str) -> None:
         )
     wrong = [k for k in state if state[k].shape != model.state_dict()[k].shape]
     if wrong:
-        raise ValueError(f"task.anchor.path={path!r} does not fit {type(model).__name__}: shapes differ for {wrong[:5]}")
+        raise ValueError(
+            f"task.anchor.path={path!r} does not fit {type(model).__name__}: shapes differ for {wrong[:5]}"
+        )
     model.load_state_dict(state, strict=False)
 
 

@@ -78,7 +78,9 @@ def fit_task(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, datamodule: L.LightningDataModule, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(
+    model: nn.Module, datamodule: L.LightningDataModule, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of ``datamodule``'s test set, in loader order, through the datamodule's batch hooks."""
     datamodule.trainer = None
     model.eval().to(device)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from continual_support import digits_sequence, short_fit
 from torch import nn
 
 import chanzoo
@@ -16,8 +17,6 @@ from chanzoo.channel.clr import CLRConv2d, load_task, save_task
 from chanzoo.continual.methods import CLRMethod
 from chanzoo.continual.runner import ContinualRunner
 from chanzoo.continual.training import predict
-
-from conftest import digits_sequence, short_fit
 
 _logger = logging.getLogger(__name__)
 
@@ -40,7 +39,8 @@ def test_clr_zero_forgetting_beyond_resnet(name: str, attn: str | None, img_size
     torch.manual_seed(0)
     anchor = chanzoo.create_model(name, num_classes=2, in_chans=1, attn=attn)
     expected = expected_task_params(anchor)
-    backbone = sum(p.numel() for p in anchor.parameters()) - sum(p.numel() for p in anchor.get_classifier().parameters())
+    head = sum(p.numel() for p in anchor.get_classifier().parameters())
+    backbone = sum(p.numel() for p in anchor.parameters()) - head
     method = CLRMethod(anchor)
     runner = ContinualRunner(method, tasks, short_fit(tmp_path), task_dir=tmp_path / "tasks")
     runner.learn(0)

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from support import run_entry
 
 from chanzoo import report
-from support import run_entry
 
 TINY = ["continual.data.img_size=16", "continual.classes_per_task=5", "trainer.max_epochs=1",
         "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "task.anchor.epochs=1",

@@ -56,13 +56,15 @@ FOLDER = {"_target_": "chanzoo.data.ImageFolderDataModule", "img_size": 32, "bat
           "auto_augment": None, "re_prob": 0.0, "color_jitter": None}
 
 
-def test_image_folder_class_subsets_by_name_and_one_task_per_root(photos: dict[str, np.ndarray], tmp_path: Path) -> None:
+def test_image_folder_class_subsets_by_name_and_one_task_per_root(
+    photos: dict[str, np.ndarray], tmp_path: Path
+) -> None:
     root = write_folder(tmp_path / "pets", photos, {"astronaut": ["astronaut"], "cat": ["chelsea"],
                                                     "coffee": ["coffee"], "rocket": ["rocket"]})
     tasks = build_sequence({"data": {**FOLDER, "root": str(root)},
                             "tasks": [{"classes": ["rocket", "cat"], "name": "a"}, {"classes": [0, 2], "name": "b"}]})
     assert [t.class_names for t in tasks] == [["rocket", "cat"], ["astronaut", "coffee"]]
-    images, labels = next(iter(tasks[0].datamodule.test_dataloader()))
+    images, _ = next(iter(tasks[0].datamodule.test_dataloader()))
     assert images.shape == (4, 3, 32, 32) and len(tasks[0].datamodule.test_set) == 6
     rocket = tasks[0].datamodule.test_set
     assert [rocket[i][1] for i in range(6)] == [1, 1, 1, 0, 0, 0]  # cat -> 1, rocket -> 0 (folder order: cat first)
