@@ -201,7 +201,8 @@ def load_task_state(model: nn.Module, state: dict[str, torch.Tensor], source: st
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(
-            f"{source} does not fit {type(model).__name__}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+            f"{source} does not fit {type(model).__name__}: missing keys {missing[:5]}, "
+            f"unexpected keys {unexpected[:5]}"
         )
     resize_classifier(model, state)
     expected = task_state_dict(model)
