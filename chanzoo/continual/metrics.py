@@ -97,7 +97,7 @@ COMPARISON_COLUMNS = (
 def comparison_row(result: dict[str, Any]) -> dict[str, Any]:
     """One row of the method comparison from a run's ``continual.json``."""
     added = [a + h for a, h in zip(result["params_added"], result["head_params"])]
-    method = result["method"] + (f" ({result['clr_variant']})" if result["method"] == "clr" else "")
+    method = result["method"] + (f" ({result.get('clr_variant', 'reduced_v1')})" if result["method"] == "clr" else "")
     return {
         "method": method,
         "avg_acc": 100 * result["avg_acc"],
