@@ -54,10 +54,11 @@ def matrix_table(matrix: Matrix, names: Sequence[str]) -> str:
 def draw_heatmap(ax: Any, matrix: Matrix, names: Sequence[str], title: str) -> None:
     """R in percent on a matplotlib ``ax``, one annotated cell per (trained, tested) pair."""
     r = 100 * _square(matrix)
-    ax.imshow(np.ma.masked_invalid(r), vmin=np.nanmin(r) if np.isfinite(r).any() else 0, vmax=100, cmap="viridis")
+    low = min(50.0, float(np.nanmin(r))) if np.isfinite(r).any() else 0.0  # one scale for all panels: 50..100 %
+    ax.imshow(np.ma.masked_invalid(r), vmin=low, vmax=100, cmap="viridis")
     for (i, j), value in np.ndenumerate(r):
         if not math.isnan(value):
-            ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=7, color="white" if value < 90 else "k")
+            ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=7, color="white" if value < 80 else "k")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(len(names)), names, fontsize=7)
     ax.set_xlabel("tested on task")
