@@ -5,11 +5,16 @@ config (``.hydra/config.yaml``) and its Lightning ``CSVLogger`` metrics (``metri
 rebuilds each run's model from its config to measure parameters, FLOPs (``torch.utils.flop_counter``, 2 per
 multiply-add, reported as MACs) and inference throughput (all models timed in turn, in one process), and writes
 ``report.md``, ``report.csv`` and ``report.png`` (a bar chart of best top-1 and of throughput per module).
+
+A multirun of continual-learning runs (``task=continual``, each with a ``continual.json``) gets the methods'
+comparison instead: average accuracy, backward transfer, forgetting, whether earlier tasks' predictions stayed
+unchanged, parameters added per task and training time, and ``report.png`` holds each run's accuracy-matrix heatmap.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -19,6 +24,7 @@ from typing import Any, Optional, Sequence
 import torch
 from omegaconf import OmegaConf
 
+from chanzoo.continual import metrics as continual_metrics
 from chanzoo.profile import count_flops, count_params, time_interleaved
 from chanzoo.run import build_model
 
@@ -27,6 +33,7 @@ _logger = logging.getLogger(__name__)
 CONFIG_FILE = Path(".hydra") / "config.yaml"  # Hydra's saved composed config of a run
 METRICS_FILE = "metrics.csv"  # Lightning's CSVLogger file in each run folder (chanzoo.run.train)
 METRIC = "val/acc1"  # the classification task's top-1 validation accuracy column
+CONTINUAL_FILE = "continual.json"  # what a continual-learning run writes (chanzoo.continual.runner)
 NO_MODULE = "none"
 
 
@@ -158,6 +165,43 @@ def write_report(rows: Sequence[ReportRow], out_dir: Path) -> tuple[Path, Path, 
     return md, table, png
 
 
+def continual_results(folder: Path) -> Optional[list[dict[str, Any]]]:
+    """Each run's ``continual.json`` (run folder added as ``run``) if every run of ``folder`` is a continual run;
+    ``None`` if none is; a ``ValueError`` for a mix."""
+    runs = find_runs(folder)
+    files = [run / CONTINUAL_FILE for run in runs]
+    present = [f.is_file() for f in files]
+    if not any(present):
+        return None
+    if not all(present):
+        missing = [str(r.relative_to(folder)) for r, p in zip(runs, present) if not p]
+        raise ValueError(f"multirun folder {str(folder)!r} mixes continual runs with others (no {CONTINUAL_FILE} in "
+                         f"{missing}); report them apart")
+    return [{**json.loads(f.read_text()), "run": r.relative_to(folder).as_posix()} for r, f in zip(runs, files)]
+
+
+def write_continual_report(results: Sequence[dict[str, Any]], out_dir: Path) -> tuple[Path, Path, Path]:
+    """``report.md`` (the methods' comparison and each run's accuracy matrix), ``report.csv`` and ``report.png``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, table, png = out_dir / "report.md", out_dir / "report.csv", out_dir / "report.png"
+    rows = [{"run": r["run"], **continual_metrics.comparison_row(r)} for r in results]
+    text = continual_metrics.comparison_table(rows)
+    panels = []
+    for r, row in zip(results, rows):
+        names = [t["name"] for t in r["tasks"]]
+        matrix = [[math.nan if v is None else v for v in line] for line in r["accuracy"]]
+        text += f"\n{row['method']} (run {r['run']}): accuracy (%) after training task i (rows) on task j\n\n"
+        text += continual_metrics.matrix_table(matrix, names)
+        panels.append((matrix, names, f"{row['method']}: avg {row['avg_acc']:.2f}%"))
+    md.write_text(text)
+    with table.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    continual_metrics.save_heatmaps(panels, png)
+    return md, table, png
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m chanzoo.report", description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="a Hydra multirun folder (runs/multirun/<time>)")
@@ -167,6 +211,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    results = continual_results(args.folder)
+    if results is not None:
+        paths = write_continual_report(results, args.out or args.folder)
+        _logger.info("%swritten: %s", paths[0].read_text(), ", ".join(str(p) for p in paths))
+        return
     rows = build_rows(args.folder, args.batch_size, args.repeats, args.device)
     paths = write_report(rows, args.out or args.folder)
     _logger.info("%s\nwritten: %s", markdown_table(rows), ", ".join(str(p) for p in paths))

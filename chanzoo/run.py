@@ -9,7 +9,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -230,6 +230,8 @@ def _task_chosen_on_command_line() -> bool:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the task on the data, then test the best checkpoint; returns the final metrics (also in metrics.json)."""
+    if cfg.task.get("runner"):  # a task that runs its own loop, e.g. task=continual (a sequence of tasks)
+        return get_method(cfg.task.runner)(cfg)
     out_dir = _output_dir()
     for folder in (out_dir, out_dir / "checkpoints"):
         clean_stale_temp_files(folder)
