@@ -84,12 +84,16 @@ class DetectionTask(TimmOptimMixin, L.LightningModule):
             image_std=pretrained_cfg.get("std"),
             head_kwargs=dict(head_kwargs or {}),
         )
-        self.backbone = pyramid.body
         self.num_classes = num_classes
         self.with_masks = head == "mask_rcnn"
         iou_type = ("bbox", "segm") if self.with_masks else "bbox"
         for stage in ("val", "test"):
             self.add_module(f"{stage}_map", MeanAveragePrecision(iou_type=iou_type, backend="faster_coco_eval"))
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The backbone network inside the dense model."""
+        return self.model.backbone.backbone.inner
 
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         return self.model(images)
@@ -159,8 +163,7 @@ def configure_dense_optim(task: Any, model: nn.Module, backbone: nn.Module, back
     trainer = task.trainer
     batch = getattr(trainer.datamodule, "batch_size", 1) if trainer.datamodule is not None else 1
     lr = scaled_lr(optim_cfg, batch * trainer.world_size * trainer.accumulate_grad_batches)
-    backbone_inner = getattr(backbone, "model", backbone)
     groups = dense_param_groups(
-        model, backbone_inner, lr, float(optim_cfg.get("weight_decay", 0.0)), backbone_lr_mult, layer_decay
+        model, backbone, lr, float(optim_cfg.get("weight_decay", 0.0)), backbone_lr_mult, layer_decay
     )
     return task._configure_timm_optim(groups, optim_cfg, task.sched_cfg)

@@ -56,7 +56,6 @@ class SegmentationTask(TimmOptimMixin, L.LightningModule):
         self.backbone_lr_mult = backbone_lr_mult
         pyramid = PyramidBackbone(model, **dict(backbone or {}))
         self.model = build_segmenter(pyramid, decoder, num_classes, decoder_channels, dict(decoder_kwargs or {}))
-        self.backbone = pyramid.body
         self.num_classes = num_classes
         self.loss = nn.CrossEntropyLoss(ignore_index=ignore_index)
         for stage in ("val", "test"):
@@ -64,6 +63,11 @@ class SegmentationTask(TimmOptimMixin, L.LightningModule):
                 "miou": MulticlassJaccardIndex(num_classes, average="macro", ignore_index=ignore_index),
                 "pixel_acc": MulticlassAccuracy(num_classes, average="micro", ignore_index=ignore_index),
             }))
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The backbone network inside the dense model."""
+        return self.model.backbone.inner
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
