@@ -6,6 +6,7 @@ from typing import Any, Mapping, Optional
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
@@ -81,6 +82,8 @@ class SegmentationTask(TimmOptimMixin, L.LightningModule):
     def _evaluate(self, batch: Batch, stage: str) -> None:
         images, masks = batch
         logits = self.model(images)
+        if logits.shape[-2:] != masks.shape[-2:]:  # evaluated on resized images: score at the labels' own size
+            logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
         self.log(f"{stage}/loss", self.loss(logits, masks), sync_dist=True, batch_size=len(images))
         predictions = logits.argmax(dim=1)
         for name, metric in getattr(self, f"{stage}_metrics").items():
