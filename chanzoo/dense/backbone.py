@@ -57,7 +57,8 @@ def freeze_stages(model: nn.Module, frozen_stages: int) -> list[str]:
     """
     if frozen_stages < 0:
         return []
-    stages = [e["module"] for e in _feature_dicts(model) if any(True for _ in model.get_submodule(e["module"]).parameters())]
+    entries = _feature_dicts(model)
+    stages = [e["module"] for e in entries if any(True for _ in model.get_submodule(e["module"]).parameters())]
     if frozen_stages > len(stages):
         raise ValueError(f"frozen_stages={frozen_stages} but {type(model).__name__} has {len(stages)} stages {stages}")
     names = [name for name, _ in model.named_parameters()]

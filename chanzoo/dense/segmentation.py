@@ -70,7 +70,9 @@ def build_segmenter(
     if decoder == "upernet":
         if levels < 2:
             raise ValueError(f"UPerNet needs >= 2 feature levels, the backbone gives {levels}")
-        module: nn.Module = UPerNetDecoder(channels, encoder_depth=levels + 1, decoder_channels=decoder_channels, **kwargs)
+        module: nn.Module = UPerNetDecoder(
+            channels, encoder_depth=levels + 1, decoder_channels=decoder_channels, **kwargs
+        )
         out_channels = decoder_channels
     elif decoder == "fpn":
         if levels != 4:

@@ -137,7 +137,8 @@ class DetectionTask(TimmOptimMixin, L.LightningModule):
         prefixes = {"bbox_": "", "segm_": "mask_"} if self.with_masks else {"": ""}
         for source, target in prefixes.items():
             for key in _SCALAR_KEYS:
-                self.log(f"{stage}/{target}{key}", results[source + key].float(), prog_bar=key == "map_50" and not target)
+                show = key == "map_50" and not target
+                self.log(f"{stage}/{target}{key}", results[source + key].float(), prog_bar=show)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, "val")

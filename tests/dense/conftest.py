@@ -85,7 +85,8 @@ class CoinsDetection(L.LightningDataModule):
 class CoinsSegmentation(L.LightningDataModule):
     """The coins photo and its mirror image as a segmentation datamodule (background, small coin, large coin)."""
 
-    num_classes, class_names, ignore_index, in_chans, task_type = 3, ["background", "small", "large"], 255, 3, "segmentation"
+    num_classes, class_names, ignore_index = 3, ["background", "small", "large"], 255
+    in_chans, task_type = 3, "segmentation"
     mean, std = MEAN, STD
 
     def __init__(self, batch_size: int = 2) -> None:

@@ -12,7 +12,8 @@ from chanzoo.dense import PyramidBackbone, default_out_indices, dense_param_grou
 @pytest.fixture(scope="module")
 def photo_batch(photos: dict) -> torch.Tensor:
     """The astronaut and the coffee photos at 128x128, in [0, 1]."""
-    images = [torch.from_numpy(photos[k][:384, :384]).permute(2, 0, 1).float()[None] / 255 for k in ("astronaut", "coffee")]
+    crops = [photos[k][:384, :384] for k in ("astronaut", "coffee")]
+    images = [torch.from_numpy(crop).permute(2, 0, 1).float()[None] / 255 for crop in crops]
     return torch.nn.functional.interpolate(torch.cat(images), size=(128, 128), mode="bilinear", antialias=True)
 
 
@@ -52,7 +53,8 @@ def test_features_only_model_is_accepted_and_nhwc_becomes_nchw(photo_batch: torc
         features = list(pyramid(photo_batch).values())
     for feature, native, channels in zip(features, raw, pyramid.out_channels):
         assert feature.shape[1] == channels
-        expected = native.permute(0, 3, 1, 2) if native.shape[-1] == channels and native.shape[1] != channels else native
+        is_nhwc = native.shape[-1] == channels and native.shape[1] != channels
+        expected = native.permute(0, 3, 1, 2) if is_nhwc else native
         torch.testing.assert_close(feature, expected)
     with pytest.raises(ValueError, match="out_indices=\\[1\\].*features_only"):
         PyramidBackbone(model, out_indices=[1])
@@ -72,7 +74,8 @@ def test_frozen_stages_and_frozen_bn() -> None:
     stem_and_layer1 = {n for n, _ in pyramid.inner.named_parameters() if n.split(".")[0] in ("conv1", "bn1", "layer1")}
     assert frozen == stem_and_layer1
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in pyramid.modules())
-    assert sum(isinstance(m, FrozenBatchNorm2d) for m in pyramid.modules()) == 1 + 2 * 4 * 2 + 3  # stem, blocks, downsamples
+    frozen_bns = sum(isinstance(m, FrozenBatchNorm2d) for m in pyramid.modules())
+    assert frozen_bns == 1 + 2 * 4 * 2 + 3  # stem, 2 per block in 8 blocks, 3 downsamples
     stem_only = PyramidBackbone(chanzoo.create_model("resnet18"), frozen_stages=0)
     assert {n for n, p in stem_only.inner.named_parameters() if not p.requires_grad} == {
         "conv1.weight", "bn1.weight", "bn1.bias"}
@@ -103,3 +106,22 @@ def test_backbone_lr_multiplier_and_layer_decay() -> None:
     decayed = dense_param_groups(segmenter, backbone, lr=1e-3, weight_decay=0.05, backbone_lr_mult=1.0, layer_decay=0.5)
     scales = sorted({g["lr_scale"] for g in decayed})
     assert scales[-1] == 1.0 and scales[0] < 0.1  # the stem gets the deepest decay, the decoder none
+
+
+def test_dense_profile_splits_backbone_and_head() -> None:
+    """Backbone + head params and FLOPs add up to the whole detector's; the backbone is counted at the size the
+    detector resizes the image to (shorter side 160 -> 160x224 after padding to 32)."""
+    from chanzoo.dense import build_detector, dense_profile
+    from chanzoo.profile import count_flops, count_params
+
+    model = chanzoo.create_model("resnet18", num_classes=0)
+    pyramid = PyramidBackbone(model)
+    detector = build_detector(pyramid, "faster_rcnn", num_classes=2, min_size=160, max_size=224)
+    report = dense_profile(detector, pyramid.body, input_size=[3, 160, 220])
+    assert report["backbone_input"] == [3, 160, 224]
+    assert report["backbone_params"] == count_params(pyramid.body)[0] == 11_176_512  # resnet18 without its fc
+    assert report["backbone_params"] + report["head_params"] == count_params(detector)[0]
+    assert report["backbone_flops"] == count_flops(pyramid.body.eval(), torch.zeros(1, 3, 160, 224))[0]
+    assert report["head_flops"] > 0
+    with pytest.raises(ValueError, match="input_size=\\[160, 220\\]"):
+        dense_profile(detector, pyramid.body, input_size=[160, 220])
