@@ -3,6 +3,7 @@ backbone, COCO mAP from torchmetrics (faster_coco_eval backend, COCO's own areas
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import lightning as L
@@ -12,6 +13,7 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from chanzoo.dense import PyramidBackbone, build_detector, dense_param_groups
 from chanzoo.dense.detection import DETECTION_HEADS
+from chanzoo.dense.visualize import detection_figure
 from chanzoo.tasks.optim import TimmOptimMixin, scaled_lr
 
 _logger = logging.getLogger(__name__)
@@ -22,6 +24,8 @@ _SCALAR_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large
                 "mar_small", "mar_medium", "mar_large")
 _ONE_STAGE_STRIDES = (8, 16, 32)  # RetinaNet/FCOS: P3-P5 from the backbone, P6/P7 from the FPN
 _TWO_STAGE_STRIDES = (4, 8, 16, 32)
+FIGURE_FILE = "test_predictions.png"  # written to the run folder after testing
+FIGURE_IMAGES = 4
 
 
 def drop_crowd(target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -86,6 +90,7 @@ class DetectionTask(TimmOptimMixin, L.LightningModule):
         )
         self.num_classes = num_classes
         self.with_masks = head == "mask_rcnn"
+        self._shown: Optional[tuple] = None  # the first test images, predictions and targets, for the figure
         iou_type = ("bbox", "segm") if self.with_masks else "bbox"
         for stage in ("val", "test"):
             self.add_module(f"{stage}_map", MeanAveragePrecision(iou_type=iou_type, backend="faster_coco_eval"))
@@ -125,9 +130,12 @@ class DetectionTask(TimmOptimMixin, L.LightningModule):
             gts.append(g)
         return preds, gts
 
-    def _evaluate(self, batch: Batch, stage: str) -> None:
+    def _evaluate(self, batch: Batch, stage: str, batch_idx: int = -1) -> None:
         images, targets = batch
-        preds, gts = self._metric_inputs(self.model(images), targets)
+        predictions = self.model(images)
+        if stage == "test" and batch_idx == 0 and self.trainer.is_global_zero:
+            self._shown = (images[:FIGURE_IMAGES], predictions[:FIGURE_IMAGES], targets[:FIGURE_IMAGES])
+        preds, gts = self._metric_inputs(predictions, targets)
         getattr(self, f"{stage}_map").update(preds, gts)
 
     def _log_map(self, stage: str) -> None:
@@ -147,10 +155,18 @@ class DetectionTask(TimmOptimMixin, L.LightningModule):
         self._log_map("val")
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        self._evaluate(batch, "test", batch_idx)
 
     def on_test_epoch_end(self) -> None:
         self._log_map("test")
+        shown = self._shown
+        if shown is not None:
+            path = Path(self.trainer.default_root_dir) / FIGURE_FILE
+            names = getattr(self.trainer.datamodule, "class_names", None)
+            names = names or [str(i + 1) for i in range(self.num_classes)]
+            detection_figure(*shown, class_names=names, path=path)
+            _logger.info("test images with ground truth (left) and predictions (right): %s", path)
+            self._shown = None
 
     def configure_optimizers(self) -> Any:
         return configure_dense_optim(self, self.model, self.backbone, self.backbone_lr_mult)

@@ -2,6 +2,7 @@
 chanzoo/timm backbone; mIoU over the whole set (the VOC / mmseg definition) and pixel accuracy."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import lightning as L
@@ -12,7 +13,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from chanzoo.dense import PyramidBackbone, build_segmenter
 from chanzoo.dense.segmentation import SEGMENTATION_DECODERS
-from chanzoo.tasks.detection import configure_dense_optim
+from chanzoo.dense.visualize import segmentation_figure
+from chanzoo.tasks.detection import FIGURE_FILE, FIGURE_IMAGES, configure_dense_optim
 from chanzoo.tasks.optim import TimmOptimMixin
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -59,6 +61,7 @@ class SegmentationTask(TimmOptimMixin, L.LightningModule):
         self.model = build_segmenter(pyramid, decoder, num_classes, decoder_channels, dict(decoder_kwargs or {}))
         self.num_classes = num_classes
         self.loss = nn.CrossEntropyLoss(ignore_index=ignore_index)
+        self._shown: Optional[tuple] = None  # the first test images, predictions and labels, for the figure
         for stage in ("val", "test"):
             self.add_module(f"{stage}_metrics", nn.ModuleDict({
                 "miou": MulticlassJaccardIndex(num_classes, average="macro", ignore_index=ignore_index),
@@ -79,13 +82,15 @@ class SegmentationTask(TimmOptimMixin, L.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(images))
         return loss
 
-    def _evaluate(self, batch: Batch, stage: str) -> None:
+    def _evaluate(self, batch: Batch, stage: str, batch_idx: int = -1) -> None:
         images, masks = batch
         logits = self.model(images)
         if logits.shape[-2:] != masks.shape[-2:]:  # evaluated on resized images: score at the labels' own size
             logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
         self.log(f"{stage}/loss", self.loss(logits, masks), sync_dist=True, batch_size=len(images))
         predictions = logits.argmax(dim=1)
+        if stage == "test" and batch_idx == 0 and self.trainer.is_global_zero:
+            self._shown = (images[:FIGURE_IMAGES], predictions[:FIGURE_IMAGES], masks[:FIGURE_IMAGES])
         for name, metric in getattr(self, f"{stage}_metrics").items():
             metric.update(predictions, masks)
             # the metric object is logged: Lightning computes it once per epoch over every image (and every device)
@@ -95,7 +100,19 @@ class SegmentationTask(TimmOptimMixin, L.LightningModule):
         self._evaluate(batch, "val")
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        self._evaluate(batch, "test", batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        shown = self._shown
+        datamodule = self.trainer.datamodule
+        if shown is not None and hasattr(datamodule, "mean") and hasattr(datamodule, "std"):
+            images, predictions, masks = shown
+            if images.shape[-2:] != masks.shape[-2:]:  # resized for evaluation: show the labels' size
+                images = F.interpolate(images, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+            path = Path(self.trainer.default_root_dir) / FIGURE_FILE
+            segmentation_figure(images, predictions, masks, datamodule.mean, datamodule.std, self.num_classes, path,
+                                self.hparams.ignore_index)
+        self._shown = None
 
     def configure_optimizers(self) -> Any:
         return configure_dense_optim(self, self.model, self.backbone, self.backbone_lr_mult)

@@ -56,3 +56,4 @@ def test_paper_experiment_composes_and_steps(experiment: str, tmp_path: Path, mo
     assert metric in metrics and f"test/{metric.split('/')[1]}" in metrics, sorted(metrics)
     assert 0.0 <= metrics[metric] <= 1.0
     assert (tmp_path / "metrics.json").is_file()
+    assert (tmp_path / "test_predictions.png").stat().st_size > 1000  # test images: ground truth and predictions
