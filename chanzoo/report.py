@@ -3,8 +3,10 @@
 ``python -m chanzoo.report <multirun folder> [--out DIR] [--batch-size N] [--repeats N]`` reads every run's saved
 config (``.hydra/config.yaml``) and its Lightning ``CSVLogger`` metrics (``metrics.csv``, column ``val/acc1``),
 rebuilds each run's model from its config to measure parameters, FLOPs (``torch.utils.flop_counter``, 2 per
-multiply-add, reported as MACs) and inference throughput (all models timed in turn, in one process), and writes
-``report.md``, ``report.csv`` and ``report.png`` (a bar chart of best top-1 and of throughput per module).
+multiply-add, reported as MACs) and inference throughput (all models timed in turn, in one process, on a batch of
+``--batch-size`` images at the run's own input size ``data.in_chans`` x ``data.img_size``), and writes ``report.md``,
+``report.csv`` and ``report.png`` (a bar chart of best top-1 and of throughput per module). The throughput column's
+header names that input size and batch, since img/s at Fashion-MNIST's 1x28x28 is not comparable to 224x224 figures.
 
 A multirun of continual-learning runs (``task=continual``, each with a ``continual.json``) gets the methods'
 comparison instead: average accuracy, backward transfer, forgetting, whether earlier tasks' predictions stayed
@@ -25,6 +27,7 @@ import torch
 from omegaconf import OmegaConf
 
 from chanzoo.continual import metrics as continual_metrics
+from chanzoo.data.fashion_mnist import NATIVE_SIDE, smallest_input_side
 from chanzoo.profile import count_flops, count_params, time_interleaved
 from chanzoo.run import build_model
 
@@ -45,7 +48,9 @@ class ReportRow:
     module: str
     params: int
     gmacs: float
-    throughput: float  # images per second
+    throughput: float  # images per second, measured at ``input_shape`` in batches of ``batch_size``
+    input_shape: str  # "CxHxW" of the timed images
+    batch_size: int
     best_top1: float  # in [0, 1]; NaN when the run logged no validation accuracy
 
 
@@ -94,7 +99,10 @@ def build_rows(folder: Path, batch_size: int = 32, repeats: int = 10, device: st
         model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
         model_cfg.update({"pretrained": False, "pretrained_file": None})  # the architecture alone sets the costs
         model = build_model(model_cfg).eval().to(dev)
-        size = int(cfg.data.img_size)
+        size = cfg.data.img_size
+        if size == "auto":  # what the Fashion-MNIST datamodule resolves it to for this model (28 px or more)
+            size = smallest_input_side(model, NATIVE_SIDE)
+        size = int(size)
         x = torch.zeros(batch_size, int(cfg.data.in_chans), size, size, device=dev)
         flops, _ = count_flops(model, x[:1])
         entries.append((run, model_cfg, model, x, flops))
@@ -109,25 +117,42 @@ def build_rows(folder: Path, batch_size: int = 32, repeats: int = 10, device: st
             params=count_params(model)[0],
             gmacs=flops / 2e9,
             throughput=batch_size / timings[str(run)].median,
+            input_shape="x".join(str(d) for d in x.shape[1:]),
+            batch_size=batch_size,
             best_top1=best_metric(run / METRICS_FILE),
         )
         for run, model_cfg, model, _, flops in entries
     ]
 
 
+def throughput_label(rows: Sequence[ReportRow]) -> str:
+    """What the throughput figures were measured at, e.g. ``img/s at 1x28x28, batch 32``; an input size shared by
+    all rows goes into the label, otherwise each figure carries its own (see ``markdown_table``)."""
+    shapes = {r.input_shape for r in rows}
+    batches = sorted({r.batch_size for r in rows})
+    where = f"{next(iter(shapes))}, " if len(shapes) == 1 else ""
+    return f"img/s at {where}batch {', '.join(str(b) for b in batches)}"
+
+
 def markdown_table(rows: Sequence[ReportRow]) -> str:
-    """The report as a Markdown table; params and throughput also relative to the run without a module, if any."""
+    """The report as a Markdown table; params and throughput also relative to the run without a module, if any.
+
+    The throughput header states the input size and batch it was measured at; when the runs' input sizes differ,
+    each figure is followed by its own size."""
     base = next((r for r in rows if r.module == NO_MODULE), None)
+    mixed_sizes = len({r.input_shape for r in rows}) > 1
     lines = [
-        "| run | module | params | params vs none | GMACs | throughput (img/s) | vs none | best top-1 (%) |",
+        f"| run | module | params | params vs none | GMACs | throughput ({throughput_label(rows)}) | vs none "
+        "| best top-1 (%) |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         extra = f"+{r.params - base.params:,}" if base else "-"
         speed = f"{r.throughput / base.throughput:.2f}x" if base else "-"
         top1 = "-" if math.isnan(r.best_top1) else f"{100 * r.best_top1:.2f}"
+        throughput = f"{r.throughput:.1f}" + (f" ({r.input_shape})" if mixed_sizes else "")
         lines.append(
-            f"| {r.run} | {r.module} | {r.params:,} | {extra} | {r.gmacs:.4f} | {r.throughput:.1f} | {speed} | {top1} |"
+            f"| {r.run} | {r.module} | {r.params:,} | {extra} | {r.gmacs:.4f} | {throughput} | {speed} | {top1} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -144,7 +169,7 @@ def bar_chart(rows: Sequence[ReportRow], path: Path) -> None:
     ax_acc.bar(labels, [0.0 if math.isnan(r.best_top1) else 100 * r.best_top1 for r in rows], color="tab:blue")
     ax_acc.set_ylabel("best val top-1 (%)")
     ax_speed.bar(labels, [r.throughput for r in rows], color="tab:orange")
-    ax_speed.set_ylabel("inference throughput (img/s)")
+    ax_speed.set_ylabel(f"inference throughput ({throughput_label(rows)})")
     for ax in (ax_acc, ax_speed):
         ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()

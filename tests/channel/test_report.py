@@ -51,6 +51,7 @@ def test_report_rows_and_files(multirun: Path, tmp_path: Path) -> None:
     for row in rows:
         assert row.params == sum(p.numel() for p in models[row.module].parameters())
         assert row.throughput > 0
+        assert (row.input_shape, row.batch_size) == ("1x28x28", 4)  # timed at the run's data size, not 224x224
     se_params = sum(p.numel() for m in models["se"].modules() if isinstance(m, SqueezeExcite) for p in m.parameters())
     assert rows[1].params - rows[0].params == se_params > 0
     for row in rows:
@@ -60,9 +61,18 @@ def test_report_rows_and_files(multirun: Path, tmp_path: Path) -> None:
     md, table, png = report.write_report(rows, tmp_path)
     text = md.read_text()
     assert "| 1 | se |" in text and f"+{se_params:,}" in text and "74.00" in text
+    assert "| throughput (img/s at 1x28x28, batch 4) |" in text
     with table.open() as handle:
         assert [r["module"] for r in csv.DictReader(handle)] == ATTNS
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_mixed_input_sizes_label_each_figure(multirun: Path) -> None:
+    rows = report.build_rows(multirun, batch_size=2, repeats=1)[:2]
+    rows[1].input_shape = "3x32x32"
+    header, _, first, second = report.markdown_table(rows).splitlines()
+    assert "| throughput (img/s at batch 2) |" in header
+    assert f"| {rows[0].throughput:.1f} (1x28x28) |" in first and f"| {rows[1].throughput:.1f} (3x32x32) |" in second
 
 
 def test_report_cli(multirun: Path, tmp_path: Path) -> None:
