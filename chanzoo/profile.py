@@ -19,6 +19,7 @@ import torch
 from hydra.experimental.callback import Callback
 
 from chanzoo.configs import CONFIG_DIR
+from chanzoo.io import write_json_atomic
 from chanzoo.profiling.measure import (
     AMP_DTYPES,
     MODES,
@@ -111,6 +112,48 @@ def sweep_files(docs_file: Optional[str], plot_file: Optional[str], out_dir: Pat
     return docs, Path(plot_file) if plot_file else docs.with_suffix(".png")
 
 
+# Dense tasks the profiler splits into backbone and head: the head's classes and input size the papers count at
+# (COCO: 80 classes, 1333x800; ADE20K: 150 classes, 512x512) unless head_classes / input_size are given.
+DENSE_TASKS = {
+    "chanzoo.tasks.detection.DetectionTask": (80, (3, 800, 1333)),
+    "chanzoo.tasks.segmentation.SegmentationTask": (150, (3, 512, 512)),
+}
+
+
+def profile_dense(cfg: Any) -> dict[str, Any]:
+    """Params and FLOPs of ``cfg.model`` as the backbone of the dense model ``cfg.task`` builds, backbone and head
+    (neck + detection heads or decoder) separately; printed and written to dense_profile.json in the run folder."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from chanzoo.dense.backbone import PyramidBackbone
+    from chanzoo.dense.profile import dense_profile
+    from chanzoo.run import build_model
+
+    task_cfg = OmegaConf.to_container(cfg.task, resolve=False)
+    default_classes, default_size = DENSE_TASKS[task_cfg["_target_"]]
+    num_classes = int(cfg.get("head_classes") or default_classes)
+    input_size = list(cfg.input_size) if cfg.get("input_size") else list(default_size)
+    check_model_names([cfg.model.name])
+    model = build_model(OmegaConf.to_container(cfg.model, resolve=True))
+    task_kwargs = {k: v for k, v in task_cfg.items() if k not in ("monitor", "monitor_mode", "num_classes")}
+    task = instantiate(task_kwargs, model=model, optim={}, sched={}, num_classes=num_classes, _convert_="all")
+    result = {"model": cfg.model.name, "task": task_cfg["_target_"].rsplit(".", 1)[-1], "head_classes": num_classes,
+              # the backbone as the dense model calls it: the adapter (timm's feature wrapper, channel modules)
+              **dense_profile(task.model, next(m for m in task.model.modules() if isinstance(m, PyramidBackbone)),
+                              input_size)}
+    lines = [f"{result['model']} in {result['task']} ({num_classes} classes), input {input_size}, backbone input "
+             f"{result['backbone_input']}", f"{'part':<10} {'params (M)':>11} {'GFLOPs':>9}"]
+    for part in ("backbone", "head"):
+        lines.append(f"{part:<10} {result[part + '_params'] / 1e6:11.2f} {result[part + '_flops'] / 1e9:9.1f}")
+    lines.append(f"{'total':<10} {result['params'] / 1e6:11.2f} {result['flops'] / 1e9:9.1f}")
+    out_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
+    write_json_atomic(out_dir / "dense_profile.json", result, sort_keys=True)
+    print("\n".join(lines))  # the report itself is the command's output
+    return result
+
+
 def profile_cfg(cfg: Any) -> list[ProfileRow]:
     """Profile ``cfg.model`` or each of ``cfg.models``; print the table and write CSV/JSON into the run folder
     (plus, for a sweep, the Markdown table and plot: into ``docs_file``/``plot_file`` or the run folder)."""
@@ -166,7 +209,10 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="profile")
     def run(cfg: Any) -> None:
-        profile_cfg(cfg)
+        if cfg.get("task") is not None and cfg.task.get("_target_") in DENSE_TASKS:
+            profile_dense(cfg)
+        else:
+            profile_cfg(cfg)
 
     run()
 

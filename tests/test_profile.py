@@ -173,3 +173,28 @@ def test_model_name_profiles_any_timm_model_without_a_config_file(tmp_path) -> N
 def test_entry_point_rejects_bad_amp(tmp_path) -> None:
     result = run_profile(["amp=fp4", "data.in_chans=1", "data.num_classes=10"], tmp_path)
     assert result.returncode != 0 and "amp must be one of" in result.stderr and "'fp4'" in result.stderr
+
+
+def test_dense_profile_splits_backbone_and_head(tmp_path, monkeypatch, capsys) -> None:
+    """``python -m chanzoo.profile task=segmentation model=resnet18 input_size=[...]``: backbone + head = the whole
+    dense model, the backbone part is the ResNet-18 trunk without its classifier."""
+    import json
+
+    import timm
+    from hydra import compose, initialize_config_dir
+
+    from chanzoo.configs import CONFIG_DIR
+    from chanzoo.profile import profile_dense
+
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("profile", overrides=["task=segmentation", "model=resnet18", "input_size=[3,64,64]",
+                                            "head_classes=11"])
+    result = profile_dense(cfg)
+    trunk = timm.create_model("resnet18", num_classes=0)
+    assert result["backbone_params"] == sum(p.numel() for p in trunk.parameters())
+    assert result["params"] == result["backbone_params"] + result["head_params"] and result["head_params"] > 0
+    assert result["flops"] == result["backbone_flops"] + result["head_flops"] and result["head_flops"] > 0
+    assert result["head_classes"] == 11 and result["input_size"] == [3, 64, 64]
+    assert json.loads((tmp_path / "dense_profile.json").read_text()) == result
+    assert "backbone" in capsys.readouterr().out

@@ -175,7 +175,7 @@ class PyramidBackbone(nn.Module):
         """The backbone network itself (for its ``group_matcher`` in layer-wise lr decay)."""
         return getattr(self.body, "model", self.body)
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         features = self.body(x)
         if self.nhwc:
             features = [f.permute(0, 3, 1, 2) for f in features]

@@ -36,7 +36,7 @@ class BackboneFPN(nn.Module):
             : 1 if isinstance(extra_blocks, LastLevelMaxPool) else 2
         ]
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         return self.fpn(self.backbone(x))
 
 

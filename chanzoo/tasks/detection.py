@@ -14,6 +14,7 @@ from torchmetrics.detection import MeanAveragePrecision
 from chanzoo.dense import PyramidBackbone, build_detector, dense_param_groups
 from chanzoo.dense.detection import DETECTION_HEADS
 from chanzoo.dense.visualize import detection_figure
+from chanzoo.tasks.guard import NonFiniteGuardMixin, check_on_nonfinite
 from chanzoo.tasks.optim import TimmOptimMixin, scaled_lr
 
 _logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def drop_crowd(target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v[keep] if torch.is_tensor(v) and v.ndim and len(v) == len(keep) else v for k, v in target.items()}
 
 
-class DetectionTask(TimmOptimMixin, L.LightningModule):
+class DetectionTask(NonFiniteGuardMixin, TimmOptimMixin, L.LightningModule):
     """Train and evaluate a torchvision detector (Faster R-CNN, Mask R-CNN, RetinaNet, FCOS) on a chanzoo backbone.
 
     Args:
@@ -49,6 +50,7 @@ class DetectionTask(TimmOptimMixin, L.LightningModule):
         backbone_lr_mult: the backbone's learning rate relative to the heads'.
         fpn_channels, min_size, max_size: FPN width and torchvision's resize (shorter side, longer-side cap).
         head_kwargs: other keywords of the torchvision detector (e.g. ``box_detections_per_img``).
+        on_nonfinite: 'stop' (raise at the first non-finite loss or gradient) or 'skip' (drop that step).
     """
 
     monitor = "val/map_50"  # the metric the checkpoint callback keeps the best of
@@ -67,9 +69,11 @@ class DetectionTask(TimmOptimMixin, L.LightningModule):
         min_size: int = 800,
         max_size: int = 1333,
         head_kwargs: Optional[Mapping[str, Any]] = None,
+        on_nonfinite: str = "stop",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
+        self.on_nonfinite = check_on_nonfinite(on_nonfinite)
         if head not in DETECTION_HEADS:
             raise ValueError(f"task.head={head!r} is not a detection head; choose one of {DETECTION_HEADS}")
         self.optim_cfg, self.sched_cfg = dict(optim), dict(sched)
@@ -99,6 +103,11 @@ class DetectionTask(TimmOptimMixin, L.LightningModule):
     def backbone(self) -> nn.Module:
         """The backbone network inside the dense model."""
         return self.model.backbone.backbone.inner
+
+    def monitorable_metrics(self) -> list[str]:
+        """The validation metrics this task logs (what a checkpoint callback may monitor)."""
+        prefixes = ("", "mask_") if self.with_masks else ("",)
+        return [f"val/{prefix}{key}" for prefix in prefixes for key in _SCALAR_KEYS]
 
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         return self.model(images)

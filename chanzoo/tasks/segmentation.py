@@ -15,12 +15,13 @@ from chanzoo.dense import PyramidBackbone, build_segmenter
 from chanzoo.dense.segmentation import SEGMENTATION_DECODERS
 from chanzoo.dense.visualize import segmentation_figure
 from chanzoo.tasks.detection import FIGURE_FILE, FIGURE_IMAGES, configure_dense_optim
+from chanzoo.tasks.guard import NonFiniteGuardMixin, check_on_nonfinite
 from chanzoo.tasks.optim import TimmOptimMixin
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-class SegmentationTask(TimmOptimMixin, L.LightningModule):
+class SegmentationTask(NonFiniteGuardMixin, TimmOptimMixin, L.LightningModule):
     """Train and evaluate a semantic segmenter built from a chanzoo backbone and an smp decoder.
 
     Args:
@@ -32,6 +33,7 @@ class SegmentationTask(TimmOptimMixin, L.LightningModule):
         backbone: ``PyramidBackbone`` options (out_indices, frozen_stages, frozen_bn, pyramid_channels).
         backbone_lr_mult: the backbone's learning rate relative to the decoder's.
         ignore_index: the label of pixels that count in neither loss nor metrics.
+        on_nonfinite: 'stop' (raise at the first non-finite loss or gradient) or 'skip' (drop that step).
     """
 
     monitor = "val/miou"  # the metric the checkpoint callback keeps the best of
@@ -49,9 +51,11 @@ class SegmentationTask(TimmOptimMixin, L.LightningModule):
         backbone: Optional[Mapping[str, Any]] = None,
         backbone_lr_mult: float = 1.0,
         ignore_index: int = 255,
+        on_nonfinite: str = "stop",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
+        self.on_nonfinite = check_on_nonfinite(on_nonfinite)
         if decoder not in SEGMENTATION_DECODERS:
             raise ValueError(f"task.decoder={decoder!r} is not a segmentation decoder; choose one of "
                              f"{SEGMENTATION_DECODERS}")
@@ -72,6 +76,10 @@ class SegmentationTask(TimmOptimMixin, L.LightningModule):
     def backbone(self) -> nn.Module:
         """The backbone network inside the dense model."""
         return self.model.backbone.inner
+
+    def monitorable_metrics(self) -> list[str]:
+        """The validation metrics this task logs (what a checkpoint callback may monitor)."""
+        return ["val/loss", *(f"val/{name}" for name in self.val_metrics)]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)

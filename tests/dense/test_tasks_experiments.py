@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from dense_fixtures import make_ade20k, make_coco
 from hydra import compose, initialize_config_dir
 
 from chanzoo.configs import CONFIG_DIR
 from chanzoo.data.make_fashion_paste import make_fashion_paste
 from chanzoo.run import train
+from dense_fixtures import make_ade20k, make_coco
 
 ONE_STEP = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
             "trainer.limit_test_batches=1", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
