@@ -33,7 +33,9 @@ def _params(model: torch.nn.Module) -> int:
 def _check_built(cfg, model: torch.nn.Module) -> None:
     """The built model is the one the config names, with the config's classifier width."""
     assert model.pretrained_cfg["architecture"] == timm.models.get_arch_name(cfg.model.name)
-    assert model.num_classes == cfg.model.num_classes
+    # num_classes null (an image folder counts its classes at run time): the architecture's own default until then
+    expected = cfg.model.num_classes if cfg.model.num_classes is not None else model.pretrained_cfg["num_classes"]
+    assert model.num_classes == expected
     assert all(p.device.type == "meta" for p in model.parameters())
 
 
