@@ -67,17 +67,21 @@ class _S6Params(nn.Module):
         self.Ds = nn.Parameter(torch.ones(directions * inner))
 
     def scan(self, xs: torch.Tensor) -> torch.Tensor:
-        """xs (batch, directions, inner, L) -> S6 outputs of the same shape (one grouped scan call)."""
+        """xs (batch, directions, inner, L) -> S6 outputs of the same shape (one grouped scan call).
+
+        The projections are batched matrix products laid out (batch, directions, L, dt_rank + 2N), so the C++ kernel
+        reads B and C in place; the dt bias, softplus and D skip are applied inside the scan.
+        """
         batch, directions, inner, length = xs.shape
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
-        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
+        x_dbl = torch.matmul(xs.transpose(-1, -2), self.x_proj_weight.transpose(-1, -2))  # (b, k, L, c)
+        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=3)
+        dts = torch.matmul(self.dt_projs_weight, dts.transpose(-1, -2))  # (b, k, inner, L)
         y = selective_scan(
             xs.reshape(batch, directions * inner, length),
             dts.reshape(batch, directions * inner, length),
             -torch.exp(self.A_logs.float()),
-            Bs.contiguous(),
-            Cs.contiguous(),
+            Bs.transpose(-1, -2),
+            Cs.transpose(-1, -2),
             D=self.Ds.float(),
             delta_bias=self.dt_projs_bias.reshape(-1).float(),
             delta_softplus=True,
@@ -169,9 +173,13 @@ class MambaMixerStage(nn.Module):
         self.attn = attn_factory(dim) if attn_factory is not None else nn.Identity()
 
     def _average(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """sum_j w[k, j] y_j, accumulated in place into one new tensor (no product temporaries)."""
         k = len(outputs)
         start = (k - 1) * k // 2
-        return sum(self.avg_weights[start + j] * y for j, y in enumerate(outputs))
+        total = outputs[0] * self.avg_weights[start]
+        for j in range(1, k):
+            total = total.addcmul_(outputs[j], self.avg_weights[start + j])
+        return total
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outputs = [self.downsample(x)]

@@ -313,8 +313,8 @@ def _build_library() -> ctypes.CDLL:
         _logger.info("selective_scan: built the C++ kernel into %s", target)
     lib = ctypes.CDLL(str(target))
     i64, fp = ctypes.c_int64, ctypes.c_void_p
-    lib.chanzoo_scan_fwd.argtypes = [fp] * 7 + [i64] * 6 + [ctypes.c_int]
-    lib.chanzoo_scan_bwd.argtypes = [fp] * 12 + [i64] * 6 + [ctypes.c_int]
+    lib.chanzoo_scan_fwd.argtypes = [fp] * 9 + [i64] * 12 + [ctypes.c_int] * 2
+    lib.chanzoo_scan_bwd.argtypes = [fp] * 16 + [i64] * 12 + [ctypes.c_int, i64, ctypes.c_int]
     return lib
 
 
@@ -331,73 +331,99 @@ def _cpp_library() -> Optional[ctypes.CDLL]:
         return _lib
 
 
-def _ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return t.data_ptr() if t is not None else None
+
+
+def _bc_strides(t: torch.Tensor) -> list[int]:
+    """(batch, group, step) strides of B or C laid out (batch, groups, L, N) with the N states contiguous."""
+    return [t.stride(0), t.stride(1), t.stride(2)]
+
+
+def _states_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """B or C (batch, groups, L, N) as given when its states are adjacent in memory, else a copy that makes them so."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 @torch.library.custom_op("chanzoo::selective_scan_fwd", mutates_args=(), device_types="cpu")
 def _cpp_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], softplus: bool,
              chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """y (b, d, L) and the chunk-start states (b, d, n_chunks, N); B, C laid out (b, G, L, N)."""
+    """y (b, d, L), D skip included, and the chunk-start states (b, d, n_chunks, N); B, C (b, G, L, N), read in
+    place when their N states are contiguous; delta raw (the bias and softplus are applied in the kernel)."""
     lib = _cpp_library()
     batch, dim, length = u.shape
     groups, n_state = B.shape[1], A.shape[1]
-    u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
+    u, delta, A = (t.contiguous() for t in (u, delta, A))
+    B, C = _states_contiguous(B), _states_contiguous(C)
+    D, delta_bias = (t.contiguous() if t is not None else None for t in (D, delta_bias))
     y = torch.empty_like(u)
     hs = u.new_empty(batch, dim, -(-length // chunk), n_state)
-    lib.chanzoo_scan_fwd(_ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(y), _ptr(hs), batch, dim, length,
-                         n_state, groups, chunk, torch.get_num_threads())
+    lib.chanzoo_scan_fwd(_ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(D), _ptr(delta_bias), _ptr(y),
+                         _ptr(hs), batch, dim, length, n_state, groups, *_bc_strides(B), *_bc_strides(C), chunk,
+                         int(softplus), torch.get_num_threads())
     return y, hs
 
 
 @_cpp_fwd.register_fake
-def _(u, delta, A, B, C, chunk):
+def _(u, delta, A, B, C, D, delta_bias, softplus, chunk):
     return torch.empty_like(u), u.new_empty(u.shape[0], u.shape[1], -(-u.shape[2] // chunk), A.shape[1])
 
 
 @torch.library.custom_op("chanzoo::selective_scan_bwd", mutates_args=(), device_types="cpu")
 def _cpp_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-             hs: torch.Tensor, dy: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                      torch.Tensor, torch.Tensor]:
-    """Gradients (du, ddelta, dA, dB, dC) of the scan core by a reverse scan."""
+             D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], hs: torch.Tensor, dy: torch.Tensor,
+             softplus: bool, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                  torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias) of the fused scan by a reverse scan."""
     lib = _cpp_library()
     batch, dim, length = u.shape
     groups, n_state = B.shape[1], A.shape[1]
-    u, delta, A, B, C, hs, dy = (t.contiguous() for t in (u, delta, A, B, C, hs, dy))
+    u, delta, A, hs, dy = (t.contiguous() for t in (u, delta, A, hs, dy))
+    B, C = _states_contiguous(B), _states_contiguous(C)
+    D, delta_bias = (t.contiguous() if t is not None else None for t in (D, delta_bias))
     threads = torch.get_num_threads()
+    # Work items are (split, batch, group); split a group's channels only when there are too few items to share.
+    splits = max(1, min(dim // groups, -(-4 * threads // (batch * groups))))
     du, ddelta = torch.empty_like(u), torch.empty_like(u)
-    dA = u.new_empty(batch, dim, n_state)
-    dB = u.new_zeros(threads, *B.shape)
-    dC = u.new_zeros(threads, *C.shape)
-    lib.chanzoo_scan_bwd(_ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(hs), _ptr(dy), _ptr(du),
-                         _ptr(ddelta), _ptr(dA), _ptr(dB), _ptr(dC), batch, dim, length, n_state, groups, chunk,
-                         threads)
-    return du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0)
+    dA, dD, dbias = u.new_empty(batch, dim, n_state), u.new_empty(batch, dim), u.new_empty(batch, dim)
+    dB = u.new_empty(splits, batch, groups, length, n_state)
+    dC = u.new_empty(splits, batch, groups, length, n_state)
+    lib.chanzoo_scan_bwd(_ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(D), _ptr(delta_bias), _ptr(hs),
+                         _ptr(dy), _ptr(du), _ptr(ddelta), _ptr(dA), _ptr(dD), _ptr(dbias), _ptr(dB), _ptr(dC),
+                         batch, dim, length, n_state, groups, *_bc_strides(B), *_bc_strides(C), chunk,
+                         int(softplus), splits, threads)
+    dB, dC = (t[0] if splits == 1 else t.sum(0) for t in (dB, dC))
+    return du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dbias.sum(0)
 
 
 @_cpp_bwd.register_fake
-def _(u, delta, A, B, C, hs, dy, chunk):
-    return torch.empty_like(u), torch.empty_like(u), torch.empty_like(A), torch.empty_like(B), torch.empty_like(C)
+def _(u, delta, A, B, C, D, delta_bias, hs, dy, softplus, chunk):
+    return (torch.empty_like(u), torch.empty_like(u), torch.empty_like(A), B.new_empty(B.shape),
+            C.new_empty(C.shape), u.new_empty(u.shape[1]), u.new_empty(u.shape[1]))
 
 
 def _cpp_setup_context(ctx, inputs, output) -> None:
-    u, delta, A, B, C, chunk = inputs
-    ctx.save_for_backward(u, delta, A, B, C, output[1])
-    ctx.chunk = chunk
+    u, delta, A, B, C, D, delta_bias, softplus, chunk = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, output[1])
+    ctx.softplus, ctx.chunk = softplus, chunk
 
 
 def _cpp_backward(ctx, dy, dhs):
-    u, delta, A, B, C, hs = ctx.saved_tensors
-    du, ddelta, dA, dB, dC = _cpp_bwd(u, delta, A, B, C, hs, dy, ctx.chunk)
-    return du, ddelta, dA, dB, dC, None
+    u, delta, A, B, C, D, delta_bias, hs = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dbias = _cpp_bwd(u, delta, A, B, C, D, delta_bias, hs, dy, ctx.softplus, ctx.chunk)
+    return (du, ddelta, dA, dB, dC, dD if D is not None else None, dbias if delta_bias is not None else None,
+            None, None)
 
 
 _cpp_fwd.register_autograd(_cpp_backward, setup_context=_cpp_setup_context)
 
 
-def _scan_cpp(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """Scan core through the C++ ops; B, C come in as (b, G, N, L)."""
-    y, _ = _cpp_fwd(u, delta, A, B.transpose(-1, -2), C.transpose(-1, -2), _CPP_CHUNK)
+def _scan_cpp(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+              D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], softplus: bool) -> torch.Tensor:
+    """The scan with the delta transform and D skip in the kernel; B, C come in as (b, G, N, L), read in place
+    when they are transposed views of (b, G, L, N) memory."""
+    y, _ = _cpp_fwd(u, delta, A, B.transpose(-1, -2), C.transpose(-1, -2), D, delta_bias, softplus, _CPP_CHUNK)
     return y
 
 
@@ -484,14 +510,17 @@ def selective_scan(
         return _mamba_ssm_fn()(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     dtype = u.dtype
     uf, deltaf = u.float(), delta.float()
-    if delta_bias is not None:
-        deltaf = deltaf + delta_bias.float()[:, None]
-    if delta_softplus:
-        deltaf = F.softplus(deltaf)
-    core = _scan_cpp if path == "cpp" else _scan_eager
-    y = core(uf, deltaf, A.float(), _grouped(B), _grouped(C))
-    if D is not None:
-        y = y + D.float()[:, None] * uf
+    if path == "cpp":
+        y = _scan_cpp(uf, deltaf, A.float(), _grouped(B), _grouped(C), None if D is None else D.float(),
+                      None if delta_bias is None else delta_bias.float(), delta_softplus)
+    else:
+        if delta_bias is not None:
+            deltaf = deltaf + delta_bias.float()[:, None]
+        if delta_softplus:
+            deltaf = F.softplus(deltaf)
+        y = _scan_eager(uf, deltaf, A.float(), _grouped(B), _grouped(C))
+        if D is not None:
+            y = y + D.float()[:, None] * uf
     if z is not None:
         y = y * F.silu(z.float())
     return y.to(dtype)
