@@ -23,15 +23,15 @@ from torch import nn
 
 from chanzoo.channel.registry import ChannelModuleSpec, get_channel_module
 from chanzoo.hub import generate_default_cfgs
-from chanzoo.ops.cross_scan import NUM_DIRECTIONS, cross_merge, cross_scan
-from chanzoo.ops.selective_scan import selective_scan
+from chanzoo.ops.cross_scan import NUM_DIRECTIONS, REVERSED, merge_sources, scan_sources
+from chanzoo.ops.selective_scan import selective_scan_directions
 
 __all__ = ["ViM2", "SelectiveTokenMixer", "SelectiveChannelMixer", "MambaMixerStage"]
 
 # Under torch.fx tracing the scan and the scan-order ops are single nodes: they check shapes and pick a backend.
-torch.fx.wrap("cross_scan")
-torch.fx.wrap("cross_merge")
-torch.fx.wrap("selective_scan")
+torch.fx.wrap("scan_sources")
+torch.fx.wrap("merge_sources")
+torch.fx.wrap("selective_scan_directions")
 
 
 @torch.fx.wrap  # one node under torch.fx tracing; the check runs whenever the traced graph does
@@ -66,27 +66,22 @@ class _S6Params(nn.Module):
         self.A_logs = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(directions * inner, 1))
         self.Ds = nn.Parameter(torch.ones(directions * inner))
 
-    def scan(self, xs: torch.Tensor) -> torch.Tensor:
-        """xs (batch, directions, inner, L) -> S6 outputs of the same shape (one grouped scan call).
+    def scan(self, sources: torch.Tensor, reverse: Sequence[bool], outputs: int) -> torch.Tensor:
+        """sources (batch, S, inner, L) -> (batch, outputs, inner, L): direction k scans source k // (K / S), backwards
+        where ``reverse[k]``, and its output is added into output k // (K / outputs) (``selective_scan_directions``).
 
-        The projections are batched matrix products laid out (batch, directions, L, dt_rank + 2N), so the C++ kernel
-        reads B and C in place; the dt bias, softplus and D skip are applied inside the scan.
+        Each direction's projections are one batched matrix product over its source, laid out (batch, K, L, c) so
+        that the C++ kernel reads B and C in place; the dt bias, softplus and D skip are applied inside the scan.
         """
-        batch, directions, inner, length = xs.shape
-        x_dbl = torch.matmul(xs.transpose(-1, -2), self.x_proj_weight.transpose(-1, -2))  # (b, k, L, c)
+        batch, n_sources, inner, length = sources.shape
+        directions = len(reverse)
+        weight = self.x_proj_weight.view(n_sources, directions // n_sources, -1, inner).transpose(-1, -2)
+        x_dbl = torch.matmul(sources.transpose(-1, -2).unsqueeze(2), weight).flatten(1, 2)  # (b, K, L, c)
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=3)
-        dts = torch.matmul(self.dt_projs_weight, dts.transpose(-1, -2))  # (b, k, inner, L)
-        y = selective_scan(
-            xs.reshape(batch, directions * inner, length),
-            dts.reshape(batch, directions * inner, length),
-            -torch.exp(self.A_logs.float()),
-            Bs.transpose(-1, -2),
-            Cs.transpose(-1, -2),
-            D=self.Ds.float(),
-            delta_bias=self.dt_projs_bias.reshape(-1).float(),
-            delta_softplus=True,
-        )
-        return y.view(batch, directions, inner, length)
+        dts = torch.matmul(self.dt_projs_weight, dts.transpose(-1, -2))  # (b, K, inner, L)
+        return selective_scan_directions(sources, dts, -torch.exp(self.A_logs.float()), Bs.transpose(-1, -2),
+                                         Cs.transpose(-1, -2), self.Ds.float(), self.dt_projs_bias.reshape(-1).float(),
+                                         reverse, outputs)
 
 
 class SelectiveTokenMixer(nn.Module):
@@ -112,7 +107,7 @@ class SelectiveTokenMixer(nn.Module):
         height, width = x.shape[1:3]
         x, z = self.in_proj(self.norm(x)).chunk(2, dim=-1)
         x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))
-        y = cross_merge(self.ssm.scan(cross_scan(x)), height, width)
+        y = merge_sources(self.ssm.scan(scan_sources(x), REVERSED, outputs=2), height, width)
         return self.out_proj(y.permute(0, 2, 3, 1) * F.silu(z))
 
 
@@ -139,10 +134,14 @@ class SelectiveChannelMixer(nn.Module):
         shape = x.shape
         seq = self.norm(x).reshape(-1, shape[-1], 1)  # (tokens, D, 1): one sequence over the channels per token
         x_in, z = self.in_proj(seq).chunk(2, dim=-1)  # (tokens, D, E) each
-        x_in = x_in.transpose(1, 2)  # (tokens, E, D)
-        both = F.silu(self.conv1d(torch.cat([x_in, x_in.flip(-1)], dim=1)))  # forward | backward, own conv weights
-        ys = self.ssm.scan(both.view(-1, 2, self.expand, shape[-1]))
-        y = (ys[:, 0] + ys[:, 1].flip(-1)).transpose(1, 2)  # (tokens, D, E)
+        # The backward direction's conv over the reversed channels equals, read backwards, the conv with the reversed
+        # kernel over the channels in order: one grouped conv gives both directions, interleaved (tokens, E, 2, D).
+        weight, bias = self.conv1d.weight.view(2, self.expand, 1, -1), self.conv1d.bias.view(2, self.expand)
+        weight = torch.stack([weight[0], weight[1].flip(-1)], dim=1).flatten(0, 1)
+        both = F.conv1d(x_in.transpose(1, 2), weight, bias.t().flatten(), padding=self.conv1d.padding,
+                        groups=self.expand)
+        both = F.silu(both).view(-1, self.expand, 2, shape[-1]).transpose(1, 2)  # (tokens, 2, E, D), a view
+        y = self.ssm.scan(both, (False, True), outputs=1)[:, 0].transpose(1, 2)  # (tokens, D, E)
         return self.out_proj(y * F.silu(z)).view(shape)
 
 

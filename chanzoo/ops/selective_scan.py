@@ -36,13 +36,13 @@ import shutil
 import subprocess
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["selective_scan", "selective_scan_ref", "available_backends", "BACKENDS"]
+__all__ = ["selective_scan", "selective_scan_directions", "selective_scan_ref", "available_backends", "BACKENDS"]
 
 _logger = logging.getLogger(__name__)
 
@@ -313,8 +313,8 @@ def _build_library() -> ctypes.CDLL:
         _logger.info("selective_scan: built the C++ kernel into %s", target)
     lib = ctypes.CDLL(str(target))
     i64, fp = ctypes.c_int64, ctypes.c_void_p
-    lib.chanzoo_scan_fwd.argtypes = [fp] * 9 + [i64] * 12 + [ctypes.c_int] * 2
-    lib.chanzoo_scan_bwd.argtypes = [fp] * 16 + [i64] * 12 + [ctypes.c_int, i64, ctypes.c_int]
+    lib.chanzoo_scan_fwd.argtypes = [fp] * 9 + [i64] * 18 + [ctypes.c_int] * 2
+    lib.chanzoo_scan_bwd.argtypes = [fp] * 16 + [i64] * 18 + [ctypes.c_int, i64, ctypes.c_int]
     return lib
 
 
@@ -335,85 +335,91 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return t.data_ptr() if t is not None else None
 
 
-def _bc_strides(t: torch.Tensor) -> list[int]:
-    """(batch, group, step) strides of B or C laid out (batch, groups, L, N) with the N states contiguous."""
+def _strides(t: torch.Tensor) -> list[int]:
+    """The three leading strides: (batch, direction, position) of B or C, (batch, source, channel) of u."""
     return [t.stride(0), t.stride(1), t.stride(2)]
 
 
-def _states_contiguous(t: torch.Tensor) -> torch.Tensor:
-    """B or C (batch, groups, L, N) as given when its states are adjacent in memory, else a copy that makes them so."""
+def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as given when its last axis is adjacent in memory, else a copy that makes it so."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
 @torch.library.custom_op("chanzoo::selective_scan_fwd", mutates_args=(), device_types="cpu")
 def _cpp_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-             D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], softplus: bool,
+             D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], softplus: bool, outputs: int, reverse: int,
              chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """y (b, d, L), D skip included, and the chunk-start states (b, d, n_chunks, N); B, C (b, G, L, N), read in
-    place when their N states are contiguous; delta raw (the bias and softplus are applied in the kernel)."""
+    """The directional scan (see ``selective_scan_directions``): y (b, outputs, inner, L), the D skip included, and
+    the chunk-start states (b, K * inner, n_chunks, N). u (b, S, inner, L) and B, C (b, K, L, N) are read in place
+    when their last axis is contiguous; delta (b, K * inner, L) is raw (the bias and softplus are applied inside)."""
     lib = _cpp_library()
-    batch, dim, length = u.shape
-    groups, n_state = B.shape[1], A.shape[1]
-    u, delta, A = (t.contiguous() for t in (u, delta, A))
-    B, C = _states_contiguous(B), _states_contiguous(C)
+    batch, sources, inner, length = u.shape
+    directions, n_state = B.shape[1], A.shape[1]
+    delta, A = delta.contiguous(), A.contiguous()
+    u, B, C = (_last_contiguous(t) for t in (u, B, C))
     D, delta_bias = (t.contiguous() if t is not None else None for t in (D, delta_bias))
-    y = torch.empty_like(u)
-    hs = u.new_empty(batch, dim, -(-length // chunk), n_state)
+    y = u.new_empty(batch, outputs, inner, length)
+    hs = u.new_empty(batch, directions * inner, -(-length // chunk), n_state)
     lib.chanzoo_scan_fwd(_ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(D), _ptr(delta_bias), _ptr(y),
-                         _ptr(hs), batch, dim, length, n_state, groups, *_bc_strides(B), *_bc_strides(C), chunk,
-                         int(softplus), torch.get_num_threads())
+                         _ptr(hs), batch, directions, sources, outputs, inner, length, n_state, *_strides(u),
+                         *_strides(B), *_strides(C), chunk, reverse, int(softplus), torch.get_num_threads())
     return y, hs
 
 
 @_cpp_fwd.register_fake
-def _(u, delta, A, B, C, D, delta_bias, softplus, chunk):
-    return torch.empty_like(u), u.new_empty(u.shape[0], u.shape[1], -(-u.shape[2] // chunk), A.shape[1])
+def _(u, delta, A, B, C, D, delta_bias, softplus, outputs, reverse, chunk):
+    batch, _, inner, length = u.shape
+    return (u.new_empty(batch, outputs, inner, length),
+            u.new_empty(batch, delta.shape[1], -(-length // chunk), A.shape[1]))
 
 
 @torch.library.custom_op("chanzoo::selective_scan_bwd", mutates_args=(), device_types="cpu")
 def _cpp_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
              D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], hs: torch.Tensor, dy: torch.Tensor,
-             softplus: bool, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                  torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias) of the fused scan by a reverse scan."""
+             softplus: bool, reverse: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                torch.Tensor]:
+    """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias) of the directional scan by a reverse scan."""
     lib = _cpp_library()
-    batch, dim, length = u.shape
-    groups, n_state = B.shape[1], A.shape[1]
-    u, delta, A, hs, dy = (t.contiguous() for t in (u, delta, A, hs, dy))
-    B, C = _states_contiguous(B), _states_contiguous(C)
+    batch, sources, inner, length = u.shape
+    directions, n_state, outputs = B.shape[1], A.shape[1], dy.shape[1]
+    delta, A, hs, dy = (t.contiguous() for t in (delta, A, hs, dy))
+    u, B, C = (_last_contiguous(t) for t in (u, B, C))
     D, delta_bias = (t.contiguous() if t is not None else None for t in (D, delta_bias))
     threads = torch.get_num_threads()
-    # Work items are (split, batch, group); split a group's channels only when there are too few items to share.
-    splits = max(1, min(dim // groups, -(-4 * threads // (batch * groups))))
-    du, ddelta = torch.empty_like(u), torch.empty_like(u)
-    dA, dD, dbias = u.new_empty(batch, dim, n_state), u.new_empty(batch, dim), u.new_empty(batch, dim)
-    dB = u.new_empty(splits, batch, groups, length, n_state)
-    dC = u.new_empty(splits, batch, groups, length, n_state)
+    # Work items are (split, batch, direction); split a direction's channels only when too few items to share.
+    splits = max(1, min(inner, -(-4 * threads // (batch * directions))))
+    du, ddelta = torch.empty_like(delta), torch.empty_like(delta)
+    dA, dD, dbias = u.new_empty(*delta.shape[:2], n_state), u.new_empty(delta.shape[:2]), u.new_empty(delta.shape[:2])
+    dB = u.new_empty(splits, batch, directions, length, n_state)
+    dC = u.new_empty(splits, batch, directions, length, n_state)
     lib.chanzoo_scan_bwd(_ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(D), _ptr(delta_bias), _ptr(hs),
                          _ptr(dy), _ptr(du), _ptr(ddelta), _ptr(dA), _ptr(dD), _ptr(dbias), _ptr(dB), _ptr(dC),
-                         batch, dim, length, n_state, groups, *_bc_strides(B), *_bc_strides(C), chunk,
-                         int(softplus), splits, threads)
+                         batch, directions, sources, outputs, inner, length, n_state, *_strides(u), *_strides(B),
+                         *_strides(C), chunk, reverse, int(softplus), splits, threads)
     dB, dC = (t[0] if splits == 1 else t.sum(0) for t in (dB, dC))
+    du = du.view(batch, sources, directions // sources, inner, length).sum(2)
     return du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dbias.sum(0)
 
 
 @_cpp_bwd.register_fake
-def _(u, delta, A, B, C, D, delta_bias, hs, dy, softplus, chunk):
-    return (torch.empty_like(u), torch.empty_like(u), torch.empty_like(A), B.new_empty(B.shape),
-            C.new_empty(C.shape), u.new_empty(u.shape[1]), u.new_empty(u.shape[1]))
+def _(u, delta, A, B, C, D, delta_bias, hs, dy, softplus, reverse, chunk):
+    return (u.new_empty(u.shape), torch.empty_like(delta), torch.empty_like(A), B.new_empty(B.shape),
+            C.new_empty(C.shape), u.new_empty(delta.shape[1]), u.new_empty(delta.shape[1]))
 
 
 def _cpp_setup_context(ctx, inputs, output) -> None:
-    u, delta, A, B, C, D, delta_bias, softplus, chunk = inputs
+    u, delta, A, B, C, D, delta_bias, softplus, outputs, reverse, chunk = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, output[1])
-    ctx.softplus, ctx.chunk = softplus, chunk
+    ctx.softplus, ctx.reverse, ctx.chunk = softplus, reverse, chunk
 
 
 def _cpp_backward(ctx, dy, dhs):
     u, delta, A, B, C, D, delta_bias, hs = ctx.saved_tensors
-    du, ddelta, dA, dB, dC, dD, dbias = _cpp_bwd(u, delta, A, B, C, D, delta_bias, hs, dy, ctx.softplus, ctx.chunk)
+    du, ddelta, dA, dB, dC, dD, dbias = _cpp_bwd(u, delta, A, B, C, D, delta_bias, hs, dy, ctx.softplus,
+                                                 ctx.reverse, ctx.chunk)
     return (du, ddelta, dA, dB, dC, dD if D is not None else None, dbias if delta_bias is not None else None,
-            None, None)
+            None, None, None, None)
 
 
 _cpp_fwd.register_autograd(_cpp_backward, setup_context=_cpp_setup_context)
@@ -421,10 +427,12 @@ _cpp_fwd.register_autograd(_cpp_backward, setup_context=_cpp_setup_context)
 
 def _scan_cpp(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
               D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], softplus: bool) -> torch.Tensor:
-    """The scan with the delta transform and D skip in the kernel; B, C come in as (b, G, N, L), read in place
-    when they are transposed views of (b, G, L, N) memory."""
-    y, _ = _cpp_fwd(u, delta, A, B.transpose(-1, -2), C.transpose(-1, -2), D, delta_bias, softplus, _CPP_CHUNK)
-    return y
+    """The plain scan as the directional kernel with one direction per B/C group; B, C come in as (b, G, N, L)."""
+    batch, dim, length = u.shape
+    groups = B.shape[1]
+    y, _ = _cpp_fwd(u.reshape(batch, groups, dim // groups, length), delta, A, B.transpose(-1, -2),
+                    C.transpose(-1, -2), D, delta_bias, softplus, groups, 0, _CPP_CHUNK)
+    return y.view(batch, dim, length)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -524,3 +532,50 @@ def selective_scan(
     if z is not None:
         y = y * F.silu(z.float())
     return y.to(dtype)
+
+
+def selective_scan_directions(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    delta_bias: torch.Tensor,
+    reverse: Sequence[bool],
+    outputs: int,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """S6 scans of S sequences in K directions, summed into O outputs, with delta' = softplus(delta + delta_bias).
+
+    u: (batch, S, inner, L), the source sequences; delta: (batch, K, inner, L); B, C: (batch, K, N, L), one group per
+    direction; A: (K * inner, N); D, delta_bias: (K * inner,); ``reverse``: K flags. Direction k scans source
+    k // (K / S) from its last position to its first when ``reverse[k]``; every direction's output is put back in
+    position order and added into output k // (K / O). delta, B and C are given in position order too. Returns
+    (batch, O, inner, L). The C++ kernel does this in one pass (no reversed, stacked or summed copies); the other
+    backends run ``selective_scan`` on reversed and stacked copies, which is the definition the kernel is tested on.
+    """
+    batch, sources, inner, length = u.shape
+    directions = len(reverse)
+    if directions % sources or directions % outputs or delta.shape != (batch, directions, inner, length):
+        raise ValueError(
+            f"selective_scan_directions: {directions} directions (len(reverse)) must be a multiple of the sources "
+            f"({sources}) and of outputs ({outputs}), and delta of shape {(batch, directions, inner, length)}; "
+            f"got delta {tuple(delta.shape)}"
+        )
+    path = _resolve(backend, u)
+    if path == "cpp":  # the argument checks of selective_scan, on the stacked shapes (delta's are u's)
+        _check(delta.flatten(1, 2), delta.flatten(1, 2), A, B, C, D, None, delta_bias)
+        mask = sum(1 << k for k, flag in enumerate(reverse) if flag)
+        y, _ = _cpp_fwd(u.float(), delta.float().flatten(1, 2), A.float(), B.float().transpose(-1, -2),
+                        C.float().transpose(-1, -2), D.float(), delta_bias.float(), True, outputs, mask, _CPP_CHUNK)
+        return y.to(u.dtype)
+
+    def ordered(t: torch.Tensor) -> torch.Tensor:  # (batch, K, ..., L): reversed directions read last to first
+        return torch.stack([x.flip(-1) if flag else x for x, flag in zip(t.unbind(1), reverse)], dim=1)
+
+    u_dirs = u.repeat_interleave(directions // sources, dim=1)
+    y = selective_scan(ordered(u_dirs).flatten(1, 2), ordered(delta).flatten(1, 2), A, ordered(B), ordered(C), D=D,
+                       delta_bias=delta_bias, delta_softplus=True, backend=path)
+    y = ordered(y.view(batch, directions, inner, length))
+    return y.view(batch, outputs, directions // outputs, inner, length).sum(2)
