@@ -54,7 +54,8 @@ def make_step(name: str, x: torch.Tensor, mode: str) -> Callable[[], None]:
 
 
 def profile(step: Callable[[], None], rows: int) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     step()  # warm-up (and the selective-scan kernel build)
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -182,7 +182,8 @@ def _reference_scan(ssm, xs: torch.Tensor) -> torch.Tensor:
     x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, ssm.x_proj_weight)
     dts, Bs, Cs = torch.split(x_dbl, [ssm.dt_rank, ssm.d_state, ssm.d_state], dim=2)
     dts = torch.einsum("bkrl,kdr->bkdl", dts, ssm.dt_projs_weight)
-    y = selective_scan_ref(xs.reshape(batch, directions * inner, length), dts.reshape(batch, directions * inner, length),
+    channels = directions * inner
+    y = selective_scan_ref(xs.reshape(batch, channels, length), dts.reshape(batch, channels, length),
                            -torch.exp(ssm.A_logs), Bs, Cs, D=ssm.Ds, delta_bias=ssm.dt_projs_bias.reshape(-1),
                            delta_softplus=True)
     return y.view(batch, directions, inner, length)

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from chanzoo.ops import selective_scan as ss
-from chanzoo.ops.selective_scan import (available_backends, selective_scan, selective_scan_directions,
-                                        selective_scan_ref)
+from chanzoo.ops.selective_scan import available_backends, selective_scan, selective_scan_directions, selective_scan_ref
 
 FAST = [b for b in ("eager", "cpp") if b in available_backends()]
 INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
