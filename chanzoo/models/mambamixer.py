@@ -70,17 +70,17 @@ class _S6Params(nn.Module):
         """sources (batch, S, inner, L) -> (batch, outputs, inner, L): direction k scans source k // (K / S), backwards
         where ``reverse[k]``, and its output is added into output k // (K / outputs) (``selective_scan_directions``).
 
-        The projections to dt, B and C are batched matrix products per direction over its source, each into its own
-        tensor laid out (batch, K, L, ...), so the C++ kernel reads B and C in place and their gradients need no
-        concatenation; the dt bias, softplus and D skip are applied inside the scan.
+        The projections are one matrix product per source for all its directions, (batch, S, L, K/S x c), so the
+        C++ kernel reads B and C in place from it; the dt bias, softplus and D skip are applied inside the scan.
         """
         batch, n_sources, inner, length = sources.shape
         directions = len(reverse)
-        weight = self.x_proj_weight.view(n_sources, directions // n_sources, -1, inner).transpose(-1, -2)
-        rows = sources.transpose(-1, -2).unsqueeze(2)  # (b, S, 1, L, inner)
-        dts, Bs, Cs = (torch.matmul(rows, w).flatten(1, 2)  # (b, K, L, width)
-                       for w in torch.split(weight, [self.dt_rank, self.d_state, self.d_state], dim=-1))
-        dts = torch.matmul(self.dt_projs_weight, dts.transpose(-1, -2))  # (b, K, inner, L)
+        per_source = directions // n_sources
+        weight = self.x_proj_weight.view(n_sources, per_source, -1, inner)  # (S, K/S, c, inner)
+        x_dbl = torch.matmul(sources.transpose(-1, -2), weight.flatten(1, 2).transpose(-1, -2))  # (b, S, L, K/S x c)
+        x_dbl = x_dbl.view(batch, n_sources, length, per_source, -1).transpose(2, 3)  # (b, S, K/S, L, c), a view
+        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dts = torch.matmul(self.dt_projs_weight, dts.flatten(1, 2).transpose(-1, -2))  # (b, K, inner, L)
         return selective_scan_directions(sources, dts, -torch.exp(self.A_logs.float()), Bs.transpose(-1, -2),
                                          Cs.transpose(-1, -2), self.Ds.float(), self.dt_projs_bias.reshape(-1).float(),
                                          reverse, outputs)

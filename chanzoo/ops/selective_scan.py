@@ -313,8 +313,8 @@ def _build_library() -> ctypes.CDLL:
         _logger.info("selective_scan: built the C++ kernel into %s", target)
     lib = ctypes.CDLL(str(target))
     i64, fp = ctypes.c_int64, ctypes.c_void_p
-    lib.chanzoo_scan_fwd.argtypes = [fp] * 9 + [i64] * 18 + [ctypes.c_int] * 2
-    lib.chanzoo_scan_bwd.argtypes = [fp] * 16 + [i64] * 18 + [ctypes.c_int, i64, ctypes.c_int]
+    lib.chanzoo_scan_fwd.argtypes = [fp] * 9 + [i64] * 20 + [ctypes.c_int] * 2
+    lib.chanzoo_scan_bwd.argtypes = [fp] * 16 + [i64] * 20 + [ctypes.c_int, i64, ctypes.c_int]
     return lib
 
 
@@ -336,8 +336,9 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
 
 
 def _strides(t: torch.Tensor) -> list[int]:
-    """The three leading strides: (batch, direction, position) of B or C, (batch, source, channel) of u."""
-    return [t.stride(0), t.stride(1), t.stride(2)]
+    """All strides but the last: (batch, source, direction in source, position) of B or C, (batch, source, channel)
+    of u."""
+    return list(t.stride()[:-1])
 
 
 def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -350,11 +351,11 @@ def _cpp_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Ten
              D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], softplus: bool, outputs: int, reverse: int,
              chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The directional scan (see ``selective_scan_directions``): y (b, outputs, inner, L), the D skip included, and
-    the chunk-start states (b, K * inner, n_chunks, N). u (b, S, inner, L) and B, C (b, K, L, N) are read in place
+    the chunk-start states (b, K * inner, n_chunks, N). u (b, S, inner, L) and B, C (b, S, K / S, L, N) are read in place
     when their last axis is contiguous; delta (b, K * inner, L) is raw (the bias and softplus are applied inside)."""
     lib = _cpp_library()
     batch, sources, inner, length = u.shape
-    directions, n_state = B.shape[1], A.shape[1]
+    directions, n_state = B.shape[1] * B.shape[2], A.shape[1]
     delta, A = delta.contiguous(), A.contiguous()
     u, B, C = (_last_contiguous(t) for t in (u, B, C))
     D, delta_bias = (t.contiguous() if t is not None else None for t in (D, delta_bias))
@@ -382,7 +383,7 @@ def _cpp_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Ten
     """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias) of the directional scan by a reverse scan."""
     lib = _cpp_library()
     batch, sources, inner, length = u.shape
-    directions, n_state, outputs = B.shape[1], A.shape[1], dy.shape[1]
+    directions, n_state, outputs = B.shape[1] * B.shape[2], A.shape[1], dy.shape[1]
     delta, A, hs, dy = (t.contiguous() for t in (delta, A, hs, dy))
     u, B, C = (_last_contiguous(t) for t in (u, B, C))
     D, delta_bias = (t.contiguous() if t is not None else None for t in (D, delta_bias))
@@ -397,7 +398,7 @@ def _cpp_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Ten
                          _ptr(dy), _ptr(du), _ptr(ddelta), _ptr(dA), _ptr(dD), _ptr(dbias), _ptr(dB), _ptr(dC),
                          batch, directions, sources, outputs, inner, length, n_state, *_strides(u), *_strides(B),
                          *_strides(C), chunk, reverse, int(softplus), splits, threads)
-    dB, dC = (t[0] if splits == 1 else t.sum(0) for t in (dB, dC))
+    dB, dC = ((t[0] if splits == 1 else t.sum(0)).view(B.shape) for t in (dB, dC))
     du = du.view(batch, sources, directions // sources, inner, length).sum(2)
     return du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dbias.sum(0)
 
@@ -430,8 +431,8 @@ def _scan_cpp(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
     """The plain scan as the directional kernel with one direction per B/C group; B, C come in as (b, G, N, L)."""
     batch, dim, length = u.shape
     groups = B.shape[1]
-    y, _ = _cpp_fwd(u.reshape(batch, groups, dim // groups, length), delta, A, B.transpose(-1, -2),
-                    C.transpose(-1, -2), D, delta_bias, softplus, groups, 0, _CPP_CHUNK)
+    y, _ = _cpp_fwd(u.reshape(batch, groups, dim // groups, length), delta, A, B.transpose(-1, -2).unsqueeze(2),
+                    C.transpose(-1, -2).unsqueeze(2), D, delta_bias, softplus, groups, 0, _CPP_CHUNK)
     return y.view(batch, dim, length)
 
 
@@ -548,8 +549,8 @@ def selective_scan_directions(
 ) -> torch.Tensor:
     """S6 scans of S sequences in K directions, summed into O outputs, with delta' = softplus(delta + delta_bias).
 
-    u: (batch, S, inner, L), the source sequences; delta: (batch, K, inner, L); B, C: (batch, K, N, L), one group per
-    direction; A: (K * inner, N); D, delta_bias: (K * inner,); ``reverse``: K flags. Direction k scans source
+    u: (batch, S, inner, L), the source sequences; delta: (batch, K, inner, L); B, C: (batch, S, K / S, N, L), one
+    group per direction (direction k = s * K / S + j); A: (K * inner, N); D, delta_bias: (K * inner,); ``reverse``: K flags. Direction k scans source
     k // (K / S) from its last position to its first when ``reverse[k]``; every direction's output is put back in
     position order and added into output k // (K / O). delta, B and C are given in position order too. Returns
     (batch, O, inner, L). The C++ kernel does this in one pass (no reversed, stacked or summed copies); the other
@@ -563,9 +564,16 @@ def selective_scan_directions(
             f"({sources}) and of outputs ({outputs}), and delta of shape {(batch, directions, inner, length)}; "
             f"got delta {tuple(delta.shape)}"
         )
+    n_state = A.shape[-1]
+    shapes = {"A": (A, (directions * inner, n_state)), "D": (D, (directions * inner,)),
+              "delta_bias": (delta_bias, (directions * inner,)),
+              "B": (B, (batch, sources, directions // sources, n_state, length)),
+              "C": (C, (batch, sources, directions // sources, n_state, length))}
+    for name, (t, shape) in shapes.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"selective_scan_directions: {name} must have shape {shape}, got {tuple(t.shape)}")
     path = _resolve(backend, u)
-    if path == "cpp":  # the argument checks of selective_scan, on the stacked shapes (delta's are u's)
-        _check(delta.flatten(1, 2), delta.flatten(1, 2), A, B, C, D, None, delta_bias)
+    if path == "cpp":
         mask = sum(1 << k for k, flag in enumerate(reverse) if flag)
         y, _ = _cpp_fwd(u.float(), delta.float().flatten(1, 2), A.float(), B.float().transpose(-1, -2),
                         C.float().transpose(-1, -2), D.float(), delta_bias.float(), True, outputs, mask, _CPP_CHUNK)
@@ -575,7 +583,8 @@ def selective_scan_directions(
         return torch.stack([x.flip(-1) if flag else x for x, flag in zip(t.unbind(1), reverse)], dim=1)
 
     u_dirs = u.repeat_interleave(directions // sources, dim=1)
-    y = selective_scan(ordered(u_dirs).flatten(1, 2), ordered(delta).flatten(1, 2), A, ordered(B), ordered(C), D=D,
+    y = selective_scan(ordered(u_dirs).flatten(1, 2), ordered(delta).flatten(1, 2), A, ordered(B.flatten(1, 2)),
+                       ordered(C.flatten(1, 2)), D=D,
                        delta_bias=delta_bias, delta_softplus=True, backend=path)
     y = ordered(y.view(batch, directions, inner, length))
     return y.view(batch, outputs, directions // outputs, inner, length).sum(2)

@@ -152,8 +152,8 @@ def test_directional_scan_matches_reversed_copies_on_the_reference(backend, case
         "u": torch.randn(batch, sources, inner, length, generator=g),
         "delta": torch.randn(batch, directions, inner, length, generator=g) - 1.0,
         "A": -torch.rand(directions * inner, 16, generator=g) * 4,
-        "B": torch.randn(batch, directions, 16, length, generator=g),
-        "C": torch.randn(batch, directions, 16, length, generator=g),
+        "B": torch.randn(batch, sources, directions // sources, 16, length, generator=g),
+        "C": torch.randn(batch, sources, directions // sources, 16, length, generator=g),
         "D": torch.randn(directions * inner, generator=g),
         "delta_bias": torch.randn(directions * inner, generator=g),
     }
@@ -176,5 +176,8 @@ def test_directional_scan_matches_reversed_copies_on_the_reference(backend, case
 def test_directional_scan_checks_the_direction_count():
     u, delta = torch.zeros(1, 2, 3, 5), torch.zeros(1, 3, 3, 5)
     with pytest.raises(ValueError, match="multiple of the sources"):
-        selective_scan_directions(u, delta, torch.zeros(9, 4), torch.zeros(1, 3, 4, 5), torch.zeros(1, 3, 4, 5),
+        selective_scan_directions(u, delta, torch.zeros(9, 4), torch.zeros(1, 2, 1, 4, 5), torch.zeros(1, 2, 1, 4, 5),
                                   torch.zeros(9), torch.zeros(9), reverse=(False, True, False), outputs=1)
+    with pytest.raises(ValueError, match=r"B must have shape \(1, 2, 1, 4, 5\)"):
+        selective_scan_directions(u, delta[:, :2], torch.zeros(6, 4), torch.zeros(1, 2, 4, 5), torch.zeros(1, 2, 1, 4, 5),
+                                  torch.zeros(6), torch.zeros(6), reverse=(False, True), outputs=1)

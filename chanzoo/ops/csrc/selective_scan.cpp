@@ -9,8 +9,8 @@
 // sum are one call, with no reversed or stacked copies. Layouts (float32, the L positions contiguous):
 //   u: (batch, S, inner, L) by strides (batch, source, channel); delta, du, ddelta: (batch, dim, L) contiguous;
 //   y, dy: (batch, O, inner, L) contiguous; A: (dim, N); D, bias: (dim,) or null;
-//   B, C: (batch, K, L, N) by strides (batch, direction, position) with the N states contiguous, so a slice of a
-//   larger projection output is read in place;
+//   B, C: (batch, S, K / S, L, N) by strides (batch, source, direction within the source, position) with the N
+//   states contiguous, so slices of one projection output per source are read in place;
 //   hs: (batch, dim, n_chunks, N), the state before each chunk of `chunk` steps (saved by the forward pass so that
 //   the backward pass recomputes one chunk of states at a time instead of storing all of them).
 // Every exp() of the scan has a non-positive argument when delta' >= 0 and A <= 0: it only multiplies decays <= 1.
@@ -43,8 +43,8 @@ extern "C" {
 void chanzoo_scan_fwd(const float* u, const float* delta, const float* A, const float* Bm, const float* Cm,
                       const float* Dv, const float* bias, float* y, float* hs, int64_t batch, int64_t K, int64_t S,
                       int64_t O, int64_t inner, int64_t L, int64_t N, int64_t usb, int64_t uss, int64_t usc,
-                      int64_t bsb, int64_t bsg, int64_t bst, int64_t csb, int64_t csg, int64_t cst, int64_t chunk,
-                      int64_t reverse, int softplus, int nthreads) {
+                      int64_t bsb, int64_t bss, int64_t bsj, int64_t bst, int64_t csb, int64_t css, int64_t csj,
+                      int64_t cst, int64_t chunk, int64_t reverse, int softplus, int nthreads) {
   const int64_t n_chunks = (L + chunk - 1) / chunk;
   const int64_t dim = K * inner, per_out = K / O, per_src = K / S;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -57,8 +57,8 @@ void chanzoo_scan_fwd(const float* u, const float* delta, const float* A, const 
       const bool rev = (reverse >> k) & 1, first = (k == o * per_out);
       const float* up = u + b * usb + (k / per_src) * uss + i * usc;
       const float* dp = delta + bd * L;
-      const float* Bp = Bm + b * bsb + k * bsg;
-      const float* Cp = Cm + b * csb + k * csg;
+      const float* Bp = Bm + b * bsb + (k / per_src) * bss + (k % per_src) * bsj;
+      const float* Cp = Cm + b * csb + (k / per_src) * css + (k % per_src) * csj;
       const float* a = A + d * N;
       const float skip = Dv ? Dv[d] : 0.0f, db = bias ? bias[d] : 0.0f;
       float* hsp = hs + bd * n_chunks * N;
@@ -99,8 +99,8 @@ void chanzoo_scan_bwd(const float* u, const float* delta, const float* A, const 
                       const float* Dv, const float* bias, const float* hs, const float* dy, float* du, float* ddelta,
                       float* dA_part, float* dD_part, float* dbias_part, float* dB, float* dC, int64_t batch,
                       int64_t K, int64_t S, int64_t O, int64_t inner, int64_t L, int64_t N, int64_t usb, int64_t uss,
-                      int64_t usc, int64_t bsb, int64_t bsg, int64_t bst, int64_t csb, int64_t csg, int64_t cst,
-                      int64_t chunk, int64_t reverse, int softplus, int64_t splits, int nthreads) {
+                      int64_t usc, int64_t bsb, int64_t bss, int64_t bsj, int64_t bst, int64_t csb, int64_t css,
+                      int64_t csj, int64_t cst, int64_t chunk, int64_t reverse, int softplus, int64_t splits, int nthreads) {
   const int64_t n_chunks = (L + chunk - 1) / chunk;
   const int64_t dim = K * inner, per_out = K / O, per_src = K / S;
   const int64_t per_split = (inner + splits - 1) / splits;
@@ -116,8 +116,8 @@ void chanzoo_scan_bwd(const float* u, const float* delta, const float* A, const 
       float* dCp = dC + ((s * batch + b) * K + k) * L * N;
       std::memset(dBp, 0, sizeof(float) * L * N);
       std::memset(dCp, 0, sizeof(float) * L * N);
-      const float* Bp = Bm + b * bsb + k * bsg;
-      const float* Cp = Cm + b * csb + k * csg;
+      const float* Bp = Bm + b * bsb + (k / per_src) * bss + (k % per_src) * bsj;
+      const float* Cp = Cm + b * csb + (k / per_src) * css + (k % per_src) * csj;
       const int64_t i_end = std::min((s + 1) * per_split, inner);
       for (int64_t i = s * per_split; i < i_end; ++i) {
         const int64_t d = k * inner + i, bd = b * dim + d;
