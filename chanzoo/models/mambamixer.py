@@ -23,15 +23,15 @@ from torch import nn
 
 from chanzoo.channel.registry import ChannelModuleSpec, get_channel_module
 from chanzoo.hub import generate_default_cfgs
-from chanzoo.ops.cross_scan import NUM_DIRECTIONS, cross_merge, cross_scan
-from chanzoo.ops.selective_scan import selective_scan
+from chanzoo.ops.cross_scan import NUM_DIRECTIONS, REVERSED, merge_sources, scan_sources
+from chanzoo.ops.selective_scan import selective_scan_directions
 
 __all__ = ["ViM2", "SelectiveTokenMixer", "SelectiveChannelMixer", "MambaMixerStage"]
 
 # Under torch.fx tracing the scan and the scan-order ops are single nodes: they check shapes and pick a backend.
-torch.fx.wrap("cross_scan")
-torch.fx.wrap("cross_merge")
-torch.fx.wrap("selective_scan")
+torch.fx.wrap("scan_sources")
+torch.fx.wrap("merge_sources")
+torch.fx.wrap("selective_scan_directions")
 
 
 @torch.fx.wrap  # one node under torch.fx tracing; the check runs whenever the traced graph does
@@ -67,23 +67,24 @@ class _S6Params(nn.Module):
         self.A_logs = nn.Parameter(a_log.repeat(directions * inner, 1))
         self.Ds = nn.Parameter(torch.ones(directions * inner))
 
-    def scan(self, xs: torch.Tensor) -> torch.Tensor:
-        """xs (batch, directions, inner, L) -> S6 outputs of the same shape (one grouped scan call)."""
-        batch, directions, inner, length = xs.shape
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
-        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
-        y = selective_scan(
-            xs.reshape(batch, directions * inner, length),
-            dts.reshape(batch, directions * inner, length),
-            -torch.exp(self.A_logs.float()),
-            Bs.contiguous(),
-            Cs.contiguous(),
-            D=self.Ds.float(),
-            delta_bias=self.dt_projs_bias.reshape(-1).float(),
-            delta_softplus=True,
-        )
-        return y.view(batch, directions, inner, length)
+    def scan(self, sources: torch.Tensor, reverse: Sequence[bool], outputs: int) -> torch.Tensor:
+        """sources (batch, S, inner, L) -> (batch, outputs, inner, L): direction k scans source k // (K / S), backwards
+        where ``reverse[k]``, and its output is added into output k // (K / outputs) (``selective_scan_directions``).
+
+        The projections are one matrix product per source for all its directions, (batch, S, L, K/S x c), so the
+        C++ kernel reads B and C in place from it; the dt bias, softplus and D skip are applied inside the scan.
+        """
+        batch, n_sources, inner, length = sources.shape
+        directions = len(reverse)
+        per_source = directions // n_sources
+        weight = self.x_proj_weight.view(n_sources, per_source, -1, inner)  # (S, K/S, c, inner)
+        x_dbl = torch.matmul(sources.transpose(-1, -2), weight.flatten(1, 2).transpose(-1, -2))  # (b, S, L, K/S x c)
+        x_dbl = x_dbl.view(batch, n_sources, length, per_source, -1).transpose(2, 3)  # (b, S, K/S, L, c), a view
+        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dts = torch.matmul(self.dt_projs_weight, dts.flatten(1, 2).transpose(-1, -2))  # (b, K, inner, L)
+        return selective_scan_directions(sources, dts, -torch.exp(self.A_logs.float()), Bs.transpose(-1, -2),
+                                         Cs.transpose(-1, -2), self.Ds.float(), self.dt_projs_bias.reshape(-1).float(),
+                                         reverse, outputs)
 
 
 class SelectiveTokenMixer(nn.Module):
@@ -109,7 +110,7 @@ class SelectiveTokenMixer(nn.Module):
         height, width = x.shape[1:3]
         x, z = self.in_proj(self.norm(x)).chunk(2, dim=-1)
         x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))
-        y = cross_merge(self.ssm.scan(cross_scan(x)), height, width)
+        y = merge_sources(self.ssm.scan(scan_sources(x), REVERSED, outputs=2), height, width)
         return self.out_proj(y.permute(0, 2, 3, 1) * F.silu(z))
 
 
@@ -136,10 +137,14 @@ class SelectiveChannelMixer(nn.Module):
         shape = x.shape
         seq = self.norm(x).reshape(-1, shape[-1], 1)  # (tokens, D, 1): one sequence over the channels per token
         x_in, z = self.in_proj(seq).chunk(2, dim=-1)  # (tokens, D, E) each
-        x_in = x_in.transpose(1, 2)  # (tokens, E, D)
-        both = F.silu(self.conv1d(torch.cat([x_in, x_in.flip(-1)], dim=1)))  # forward | backward, own conv weights
-        ys = self.ssm.scan(both.view(-1, 2, self.expand, shape[-1]))
-        y = (ys[:, 0] + ys[:, 1].flip(-1)).transpose(1, 2)  # (tokens, D, E)
+        # The backward direction's conv over the reversed channels equals, read backwards, the conv with the reversed
+        # kernel over the channels in order: one grouped conv gives both directions, interleaved (tokens, E, 2, D).
+        weight, bias = self.conv1d.weight.view(2, self.expand, 1, -1), self.conv1d.bias.view(2, self.expand)
+        weight = torch.stack([weight[0], weight[1].flip(-1)], dim=1).flatten(0, 1)
+        both = F.conv1d(x_in.transpose(1, 2), weight, bias.t().flatten(), padding=self.conv1d.padding,
+                        groups=self.expand)
+        both = F.silu(both).view(-1, self.expand, 2, shape[-1]).transpose(1, 2)  # (tokens, 2, E, D), a view
+        y = self.ssm.scan(both, (False, True), outputs=1)[:, 0].transpose(1, 2)  # (tokens, D, E)
         return self.out_proj(y * F.silu(z)).view(shape)
 
 
@@ -170,9 +175,13 @@ class MambaMixerStage(nn.Module):
         self.attn = attn_factory(dim) if attn_factory is not None else nn.Identity()
 
     def _average(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """sum_j w[k, j] y_j, accumulated in place into one new tensor (no product temporaries)."""
         k = len(outputs)
         start = (k - 1) * k // 2
-        return sum(self.avg_weights[start + j] * y for j, y in enumerate(outputs))
+        total = outputs[0] * self.avg_weights[start]
+        for j in range(1, k):
+            total = total.addcmul_(outputs[j], self.avg_weights[start + j])
+        return total
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outputs = [self.downsample(x)]

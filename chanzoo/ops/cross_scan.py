@@ -11,14 +11,20 @@ chanzoo reads this as (index k of the stacked output):
 
 ``cross_merge`` maps every direction's sequence back to the pixel it came from and sums the four, so
 ``cross_merge(cross_scan(x)) == 4 * x``.
+
+Orders 1 and 3 are 0 and 2 read backwards. ``scan_sources`` gives only the two forward orders (REVERSED marks which
+of the four directions read their source backwards), for a scan that reverses by indexing
+(``chanzoo.ops.selective_scan.selective_scan_directions``) and adds each pair of outputs itself; ``merge_sources``
+puts the two summed outputs back in pixel order.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["cross_scan", "cross_merge", "NUM_DIRECTIONS"]
+__all__ = ["cross_scan", "cross_merge", "scan_sources", "merge_sources", "NUM_DIRECTIONS", "REVERSED"]
 
 NUM_DIRECTIONS = 4
+REVERSED = (False, True, False, True)  # direction k of cross_scan reads source k // 2 of scan_sources backwards
 
 
 def _check(x: torch.Tensor, ndim: int, name: str, layout: str) -> None:
@@ -47,3 +53,20 @@ def cross_merge(y: torch.Tensor, height: int, width: int) -> torch.Tensor:
     rows = y[:, 0] + y[:, 1].flip(-1)
     cols = (y[:, 2] + y[:, 3].flip(-1)).view(batch, channels, width, height).transpose(-1, -2).flip(-1)
     return rows.view(batch, channels, height, width) + cols
+
+
+def scan_sources(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, 2, C, H*W): scan orders 0 and 2 (row-major from the top-left, column-major from the
+    top-right), of which orders 1 and 3 are the reverses."""
+    _check(x, 4, "scan_sources", "(B, C, H, W)")
+    return torch.stack([x.flatten(2), x.flip(-1).transpose(-1, -2).flatten(2)], dim=1)
+
+
+def merge_sources(y: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, 2, C, H*W) in the orders of ``scan_sources`` -> (B, C, H, W): both put back in pixel order and summed."""
+    _check(y, 4, "merge_sources", "(B, 2, C, H*W)")
+    batch, sources, channels, length = y.shape
+    if sources != 2 or length != height * width:
+        raise ValueError(f"merge_sources: expected shape (B, 2, C, {height}*{width}), got {tuple(y.shape)}")
+    cols = y[:, 1].view(batch, channels, width, height).transpose(-1, -2).flip(-1)
+    return y[:, 0].view(batch, channels, height, width) + cols

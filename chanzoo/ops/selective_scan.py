@@ -36,13 +36,13 @@ import shutil
 import subprocess
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["selective_scan", "selective_scan_ref", "available_backends", "BACKENDS"]
+__all__ = ["selective_scan", "selective_scan_directions", "selective_scan_ref", "available_backends", "BACKENDS"]
 
 _logger = logging.getLogger(__name__)
 
@@ -315,8 +315,8 @@ def _build_library() -> ctypes.CDLL:
         _logger.info("selective_scan: built the C++ kernel into %s", target)
     lib = ctypes.CDLL(str(target))
     i64, fp = ctypes.c_int64, ctypes.c_void_p
-    lib.chanzoo_scan_fwd.argtypes = [fp] * 7 + [i64] * 6 + [ctypes.c_int]
-    lib.chanzoo_scan_bwd.argtypes = [fp] * 12 + [i64] * 6 + [ctypes.c_int]
+    lib.chanzoo_scan_fwd.argtypes = [fp] * 9 + [i64] * 20 + [ctypes.c_int] * 2
+    lib.chanzoo_scan_bwd.argtypes = [fp] * 16 + [i64] * 20 + [ctypes.c_int, i64, ctypes.c_int]
     return lib
 
 
@@ -333,74 +333,109 @@ def _cpp_library() -> Optional[ctypes.CDLL]:
         return _lib
 
 
-def _ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return t.data_ptr() if t is not None else None
+
+
+def _strides(t: torch.Tensor) -> list[int]:
+    """All strides but the last: (batch, source, direction in source, position) of B or C, (batch, source, channel)
+    of u."""
+    return list(t.stride()[:-1])
+
+
+def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as given when its last axis is adjacent in memory, else a copy that makes it so."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 @torch.library.custom_op("chanzoo::selective_scan_fwd", mutates_args=(), device_types="cpu")
 def _cpp_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], softplus: bool, outputs: int, reverse: int,
              chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """y (b, d, L) and the chunk-start states (b, d, n_chunks, N); B, C laid out (b, G, L, N)."""
+    """The directional scan (see ``selective_scan_directions``): y (b, outputs, inner, L), the D skip included, and
+    the chunk-start states (b, K * inner, n_chunks, N). u (b, S, inner, L) and B, C (b, S, K / S, L, N) are read in place
+    when their last axis is contiguous; delta (b, K * inner, L) is raw (the bias and softplus are applied inside)."""
     lib = _cpp_library()
-    batch, dim, length = u.shape
-    groups, n_state = B.shape[1], A.shape[1]
-    u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
-    y = torch.empty_like(u)
-    hs = u.new_empty(batch, dim, -(-length // chunk), n_state)
-    lib.chanzoo_scan_fwd(_ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(y), _ptr(hs), batch, dim, length,
-                         n_state, groups, chunk, torch.get_num_threads())
+    batch, sources, inner, length = u.shape
+    directions, n_state = B.shape[1] * B.shape[2], A.shape[1]
+    delta, A = delta.contiguous(), A.contiguous()
+    u, B, C = (_last_contiguous(t) for t in (u, B, C))
+    D, delta_bias = (t.contiguous() if t is not None else None for t in (D, delta_bias))
+    y = u.new_empty(batch, outputs, inner, length)
+    hs = u.new_empty(batch, directions * inner, -(-length // chunk), n_state)
+    lib.chanzoo_scan_fwd(_ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(D), _ptr(delta_bias), _ptr(y),
+                         _ptr(hs), batch, directions, sources, outputs, inner, length, n_state, *_strides(u),
+                         *_strides(B), *_strides(C), chunk, reverse, int(softplus), torch.get_num_threads())
     return y, hs
 
 
 @_cpp_fwd.register_fake
-def _(u, delta, A, B, C, chunk):
-    return torch.empty_like(u), u.new_empty(u.shape[0], u.shape[1], -(-u.shape[2] // chunk), A.shape[1])
+def _(u, delta, A, B, C, D, delta_bias, softplus, outputs, reverse, chunk):
+    batch, _, inner, length = u.shape
+    return (u.new_empty(batch, outputs, inner, length),
+            u.new_empty(batch, delta.shape[1], -(-length // chunk), A.shape[1]))
 
 
 @torch.library.custom_op("chanzoo::selective_scan_bwd", mutates_args=(), device_types="cpu")
 def _cpp_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-             hs: torch.Tensor, dy: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                      torch.Tensor, torch.Tensor]:
-    """Gradients (du, ddelta, dA, dB, dC) of the scan core by a reverse scan."""
+             D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], hs: torch.Tensor, dy: torch.Tensor,
+             softplus: bool, reverse: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                torch.Tensor]:
+    """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias) of the directional scan by a reverse scan."""
     lib = _cpp_library()
-    batch, dim, length = u.shape
-    groups, n_state = B.shape[1], A.shape[1]
-    u, delta, A, B, C, hs, dy = (t.contiguous() for t in (u, delta, A, B, C, hs, dy))
+    batch, sources, inner, length = u.shape
+    directions, n_state, outputs = B.shape[1] * B.shape[2], A.shape[1], dy.shape[1]
+    delta, A, hs, dy = (t.contiguous() for t in (delta, A, hs, dy))
+    u, B, C = (_last_contiguous(t) for t in (u, B, C))
+    D, delta_bias = (t.contiguous() if t is not None else None for t in (D, delta_bias))
     threads = torch.get_num_threads()
-    du, ddelta = torch.empty_like(u), torch.empty_like(u)
-    dA = u.new_empty(batch, dim, n_state)
-    dB = u.new_zeros(threads, *B.shape)
-    dC = u.new_zeros(threads, *C.shape)
-    lib.chanzoo_scan_bwd(_ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(hs), _ptr(dy), _ptr(du),
-                         _ptr(ddelta), _ptr(dA), _ptr(dB), _ptr(dC), batch, dim, length, n_state, groups, chunk,
-                         threads)
-    return du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0)
+    # Work items are (split, batch, direction); split a direction's channels only when too few items to share.
+    splits = max(1, min(inner, -(-4 * threads // (batch * directions))))
+    du, ddelta = torch.empty_like(delta), torch.empty_like(delta)
+    dA, dD, dbias = u.new_empty(*delta.shape[:2], n_state), u.new_empty(delta.shape[:2]), u.new_empty(delta.shape[:2])
+    dB = u.new_empty(splits, batch, directions, length, n_state)
+    dC = u.new_empty(splits, batch, directions, length, n_state)
+    lib.chanzoo_scan_bwd(_ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(D), _ptr(delta_bias), _ptr(hs),
+                         _ptr(dy), _ptr(du), _ptr(ddelta), _ptr(dA), _ptr(dD), _ptr(dbias), _ptr(dB), _ptr(dC),
+                         batch, directions, sources, outputs, inner, length, n_state, *_strides(u), *_strides(B),
+                         *_strides(C), chunk, reverse, int(softplus), splits, threads)
+    dB, dC = ((t[0] if splits == 1 else t.sum(0)).view(B.shape) for t in (dB, dC))
+    du = du.view(batch, sources, directions // sources, inner, length).sum(2)
+    return du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dbias.sum(0)
 
 
 @_cpp_bwd.register_fake
-def _(u, delta, A, B, C, hs, dy, chunk):
-    return torch.empty_like(u), torch.empty_like(u), torch.empty_like(A), torch.empty_like(B), torch.empty_like(C)
+def _(u, delta, A, B, C, D, delta_bias, hs, dy, softplus, reverse, chunk):
+    return (u.new_empty(u.shape), torch.empty_like(delta), torch.empty_like(A), B.new_empty(B.shape),
+            C.new_empty(C.shape), u.new_empty(delta.shape[1]), u.new_empty(delta.shape[1]))
 
 
 def _cpp_setup_context(ctx, inputs, output) -> None:
-    u, delta, A, B, C, chunk = inputs
-    ctx.save_for_backward(u, delta, A, B, C, output[1])
-    ctx.chunk = chunk
+    u, delta, A, B, C, D, delta_bias, softplus, outputs, reverse, chunk = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, output[1])
+    ctx.softplus, ctx.reverse, ctx.chunk = softplus, reverse, chunk
 
 
 def _cpp_backward(ctx, dy, dhs):
-    u, delta, A, B, C, hs = ctx.saved_tensors
-    du, ddelta, dA, dB, dC = _cpp_bwd(u, delta, A, B, C, hs, dy, ctx.chunk)
-    return du, ddelta, dA, dB, dC, None
+    u, delta, A, B, C, D, delta_bias, hs = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dbias = _cpp_bwd(u, delta, A, B, C, D, delta_bias, hs, dy, ctx.softplus,
+                                                 ctx.reverse, ctx.chunk)
+    return (du, ddelta, dA, dB, dC, dD if D is not None else None, dbias if delta_bias is not None else None,
+            None, None, None, None)
 
 
 _cpp_fwd.register_autograd(_cpp_backward, setup_context=_cpp_setup_context)
 
 
-def _scan_cpp(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """Scan core through the C++ ops; B, C come in as (b, G, N, L)."""
-    y, _ = _cpp_fwd(u, delta, A, B.transpose(-1, -2), C.transpose(-1, -2), _CPP_CHUNK)
-    return y
+def _scan_cpp(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+              D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], softplus: bool) -> torch.Tensor:
+    """The plain scan as the directional kernel with one direction per B/C group; B, C come in as (b, G, N, L)."""
+    batch, dim, length = u.shape
+    groups = B.shape[1]
+    y, _ = _cpp_fwd(u.reshape(batch, groups, dim // groups, length), delta, A, B.transpose(-1, -2).unsqueeze(2),
+                    C.transpose(-1, -2).unsqueeze(2), D, delta_bias, softplus, groups, 0, _CPP_CHUNK)
+    return y.view(batch, dim, length)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -486,14 +521,72 @@ def selective_scan(
         return _mamba_ssm_fn()(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     dtype = u.dtype
     uf, deltaf = u.float(), delta.float()
-    if delta_bias is not None:
-        deltaf = deltaf + delta_bias.float()[:, None]
-    if delta_softplus:
-        deltaf = F.softplus(deltaf)
-    core = _scan_cpp if path == "cpp" else _scan_eager
-    y = core(uf, deltaf, A.float(), _grouped(B), _grouped(C))
-    if D is not None:
-        y = y + D.float()[:, None] * uf
+    if path == "cpp":
+        y = _scan_cpp(uf, deltaf, A.float(), _grouped(B), _grouped(C), None if D is None else D.float(),
+                      None if delta_bias is None else delta_bias.float(), delta_softplus)
+    else:
+        if delta_bias is not None:
+            deltaf = deltaf + delta_bias.float()[:, None]
+        if delta_softplus:
+            deltaf = F.softplus(deltaf)
+        y = _scan_eager(uf, deltaf, A.float(), _grouped(B), _grouped(C))
+        if D is not None:
+            y = y + D.float()[:, None] * uf
     if z is not None:
         y = y * F.silu(z.float())
     return y.to(dtype)
+
+
+def selective_scan_directions(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    delta_bias: torch.Tensor,
+    reverse: Sequence[bool],
+    outputs: int,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """S6 scans of S sequences in K directions, summed into O outputs, with delta' = softplus(delta + delta_bias).
+
+    u: (batch, S, inner, L), the source sequences; delta: (batch, K, inner, L); B, C: (batch, S, K / S, N, L), one
+    group per direction (direction k = s * K / S + j); A: (K * inner, N); D, delta_bias: (K * inner,); ``reverse``: K flags. Direction k scans source
+    k // (K / S) from its last position to its first when ``reverse[k]``; every direction's output is put back in
+    position order and added into output k // (K / O). delta, B and C are given in position order too. Returns
+    (batch, O, inner, L). The C++ kernel does this in one pass (no reversed, stacked or summed copies); the other
+    backends run ``selective_scan`` on reversed and stacked copies, which is the definition the kernel is tested on.
+    """
+    batch, sources, inner, length = u.shape
+    directions = len(reverse)
+    if directions % sources or directions % outputs or delta.shape != (batch, directions, inner, length):
+        raise ValueError(
+            f"selective_scan_directions: {directions} directions (len(reverse)) must be a multiple of the sources "
+            f"({sources}) and of outputs ({outputs}), and delta of shape {(batch, directions, inner, length)}; "
+            f"got delta {tuple(delta.shape)}"
+        )
+    n_state = A.shape[-1]
+    shapes = {"A": (A, (directions * inner, n_state)), "D": (D, (directions * inner,)),
+              "delta_bias": (delta_bias, (directions * inner,)),
+              "B": (B, (batch, sources, directions // sources, n_state, length)),
+              "C": (C, (batch, sources, directions // sources, n_state, length))}
+    for name, (t, shape) in shapes.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"selective_scan_directions: {name} must have shape {shape}, got {tuple(t.shape)}")
+    path = _resolve(backend, u)
+    if path == "cpp":
+        mask = sum(1 << k for k, flag in enumerate(reverse) if flag)
+        y, _ = _cpp_fwd(u.float(), delta.float().flatten(1, 2), A.float(), B.float().transpose(-1, -2),
+                        C.float().transpose(-1, -2), D.float(), delta_bias.float(), True, outputs, mask, _CPP_CHUNK)
+        return y.to(u.dtype)
+
+    def ordered(t: torch.Tensor) -> torch.Tensor:  # (batch, K, ..., L): reversed directions read last to first
+        return torch.stack([x.flip(-1) if flag else x for x, flag in zip(t.unbind(1), reverse)], dim=1)
+
+    u_dirs = u.repeat_interleave(directions // sources, dim=1)
+    y = selective_scan(ordered(u_dirs).flatten(1, 2), ordered(delta).flatten(1, 2), A, ordered(B.flatten(1, 2)),
+                       ordered(C.flatten(1, 2)), D=D,
+                       delta_bias=delta_bias, delta_softplus=True, backend=path)
+    y = ordered(y.view(batch, directions, inner, length))
+    return y.view(batch, outputs, directions // outputs, inner, length).sum(2)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from skimage import data
 
-from chanzoo.ops.cross_scan import cross_merge, cross_scan
+from chanzoo.ops.cross_scan import REVERSED, cross_merge, cross_scan, merge_sources, scan_sources
 
 
 def photo() -> torch.Tensor:
@@ -44,3 +44,18 @@ def test_bad_shapes():
         cross_scan(torch.zeros(3, 4, 5))
     with pytest.raises(ValueError, match="cross_merge"):
         cross_merge(torch.zeros(1, 4, 2, 10), 3, 4)
+
+
+def test_sources_are_the_forward_orders_and_merge_like_cross_merge():
+    """scan_sources holds orders 0 and 2; with REVERSED, they give all four orders; merge_sources of the two
+    per-source sums equals cross_merge of the four."""
+    x = photo()
+    scans, sources = cross_scan(x), scan_sources(x)
+    for k, backwards in enumerate(REVERSED):
+        source = sources[:, k // 2]
+        torch.testing.assert_close(scans[:, k], source.flip(-1) if backwards else source)
+    y = torch.cos(torch.arange(scans.numel(), dtype=torch.float32)).view_as(scans) + scans  # four different outputs
+    in_source_order = torch.stack([y[:, 0] + y[:, 1].flip(-1), y[:, 2] + y[:, 3].flip(-1)], dim=1)
+    torch.testing.assert_close(merge_sources(in_source_order, *x.shape[-2:]), cross_merge(y, *x.shape[-2:]))
+    with pytest.raises(ValueError, match="merge_sources"):
+        merge_sources(torch.zeros(1, 4, 2, 12), 3, 4)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from chanzoo.ops import selective_scan as ss
-from chanzoo.ops.selective_scan import available_backends, selective_scan, selective_scan_ref
+from chanzoo.ops.selective_scan import available_backends, selective_scan, selective_scan_directions, selective_scan_ref
 
 FAST = [b for b in ("eager", "cpp") if b in available_backends()]
 INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -157,3 +157,50 @@ def test_missing_compiler_falls_back_to_eager_with_a_log_line(monkeypatch, caplo
         assert rel_err(x, r) <= 1e-4
     with pytest.raises(ValueError, match=r"backend='cpp' is unavailable \(no C\+\+ compiler '/nonexistent/c\+\+'"):
         selective_scan(**inputs, backend="cpp")
+
+
+# (batch, sources, directions, outputs, inner, length, reverse): ViM2's token mixer (two sources, each read both ways,
+# summed per source) and channel mixer (two sources, the second backwards, summed into one), plain one-direction use.
+DIRECTIONAL = [(2, 2, 4, 2, 3, 70, (False, True, False, True)), (3, 2, 2, 1, 2, 9, (False, True)),
+               (1, 1, 1, 1, 4, 130, (True,))]
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("case", DIRECTIONAL)
+def test_directional_scan_matches_reversed_copies_on_the_reference(backend, case):
+    """The kernel's reversal by indexing and its sums equal scanning reversed, stacked copies with the reference."""
+    batch, sources, directions, outputs, inner, length, reverse = case
+    g = torch.Generator().manual_seed(length)
+    inputs = {
+        "u": torch.randn(batch, sources, inner, length, generator=g),
+        "delta": torch.randn(batch, directions, inner, length, generator=g) - 1.0,
+        "A": -torch.rand(directions * inner, 16, generator=g) * 4,
+        "B": torch.randn(batch, sources, directions // sources, 16, length, generator=g),
+        "C": torch.randn(batch, sources, directions // sources, 16, length, generator=g),
+        "D": torch.randn(directions * inner, generator=g),
+        "delta_bias": torch.randn(directions * inner, generator=g),
+    }
+    inputs = {k: v.requires_grad_() for k, v in inputs.items()}
+
+    def run(name: str) -> list[torch.Tensor]:
+        for v in inputs.values():
+            v.grad = None
+        y = selective_scan_directions(**inputs, reverse=reverse, outputs=outputs, backend=name)
+        weight = torch.cos(torch.arange(y.numel(), dtype=torch.float32)).view_as(y)
+        (y * weight).sum().backward()
+        return [y.detach()] + [v.grad.clone() for v in inputs.values()]
+
+    ref, got = run("reference"), run(backend)
+    assert got[0].shape == (batch, outputs, inner, length)
+    for name, x, r in zip(["out", *inputs], got, ref):
+        assert rel_err(x, r) <= 1e-4, f"{backend} {name}: relative error {rel_err(x, r):.2e}"
+
+
+def test_directional_scan_checks_the_direction_count():
+    u, delta = torch.zeros(1, 2, 3, 5), torch.zeros(1, 3, 3, 5)
+    with pytest.raises(ValueError, match="multiple of the sources"):
+        selective_scan_directions(u, delta, torch.zeros(9, 4), torch.zeros(1, 2, 1, 4, 5), torch.zeros(1, 2, 1, 4, 5),
+                                  torch.zeros(9), torch.zeros(9), reverse=(False, True, False), outputs=1)
+    with pytest.raises(ValueError, match=r"B must have shape \(1, 2, 1, 4, 5\)"):
+        selective_scan_directions(u, delta[:, :2], torch.zeros(6, 4), torch.zeros(1, 2, 4, 5), torch.zeros(1, 2, 1, 4, 5),
+                                  torch.zeros(6), torch.zeros(6), reverse=(False, True), outputs=1)
