@@ -132,6 +132,10 @@ def hydra_entry(config_name: str, task: Callable[[DictConfig], Any]) -> Callable
 
     def main() -> Any:
         _check_overrides(config_name, [a for a in sys.argv[1:] if not a.startswith("-")])
+        if sys.argv[0] and not any(a.startswith("hydra.job.name=") for a in sys.argv[1:]):
+            # the job (and its log file, <job>.log) is named after the script run (train.py -> train.log), not this
+            # module, where hydra.main is applied
+            sys.argv.append(f"hydra.job.name={Path(sys.argv[0]).stem}")
         return wrapped()
 
     main.__doc__ = task.__doc__

@@ -16,10 +16,12 @@ from dense_fixtures import make_ade20k, make_coco
 ONE_STEP = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
             "trainer.limit_test_batches=1", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
             "data.batch_size=2", "data.num_workers=0", "model.pretrained=false", "model.pretrained_file=null"]
-SMALL_DETECTOR = ["data.num_classes=10", "task.min_size=128", "task.max_size=160", "task.fpn_channels=32"]
-# the COCO-layout fixture has 10 categories; an untrained R-CNN keeps few proposals and detections
+SMALL_DETECTOR = ["task.min_size=128", "task.max_size=160", "task.fpn_channels=32"]
+# the COCO-layout fixture lists COCO's 80 categories; an untrained R-CNN keeps few proposals and detections
 SMALL_RCNN = SMALL_DETECTOR + ["+task.head_kwargs={box_detections_per_img: 10, rpn_post_nms_top_n_test: 50}"]
 SMALL_DAVIT = ["+model.kwargs.depths=[1,1,1,1]"]
+# the set the test builds (the experiments build 8000/500/1000 images on first use and refuse a folder of other sizes)
+FASHION_PASTE_SIZES = ["data.generate.train=4", "data.generate.val=2", "data.generate.test=2"]
 EXPERIMENTS = {
     "eca_r50_faster_rcnn_coco": ("coco", SMALL_RCNN, "val/map_50"),
     "eca_r50_retinanet_coco": ("coco", SMALL_DETECTOR, "val/map_50"),
@@ -28,8 +30,8 @@ EXPERIMENTS = {
     "davit_tiny_upernet_ade20k": ("ade20k", SMALL_DAVIT + ["data.crop_size=128", "task.decoder_channels=32"],
                                   "val/miou"),
     "inception_next_tiny_upernet_ade20k": ("ade20k", ["data.crop_size=128", "task.decoder_channels=32"], "val/miou"),
-    "fashion_paste_detection": ("fashion_paste", [], "val/map_50"),
-    "fashion_paste_segmentation": ("fashion_paste", [], "val/miou"),
+    "fashion_paste_detection": ("fashion_paste", FASHION_PASTE_SIZES, "val/map_50"),
+    "fashion_paste_segmentation": ("fashion_paste", FASHION_PASTE_SIZES, "val/miou"),
 }
 
 
