@@ -20,6 +20,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 from chanzoo.dense.backbone import PyramidBackbone
 
 DETECTION_HEADS = ("faster_rcnn", "mask_rcnn", "retinanet", "fcos")
+FCOS_REGRESSION_BIAS = 1.0  # initial (l, t, r, b) in strides: boxes start 2 strides wide
 _TWO_STAGE = ("faster_rcnn", "mask_rcnn")
 
 
@@ -95,5 +96,11 @@ def build_detector(
             return MaskRCNN(body, num_classes=num_classes + 1, **kwargs)
         return FasterRCNN(body, num_classes=num_classes + 1, **kwargs)
     kwargs["anchor_generator"] = anchors
-    detector_class = RetinaNet if head == "retinanet" else FCOS
-    return detector_class(body, num_classes=num_classes + 1, **kwargs)
+    if head == "retinanet":
+        return RetinaNet(body, num_classes=num_classes + 1, **kwargs)
+    detector = FCOS(body, num_classes=num_classes + 1, **kwargs)
+    # torchvision's FCOS regresses (l, t, r, b) / stride through a ReLU from a zero bias: half its outputs start dead,
+    # and from scratch under Adam the bias can drift below zero within 50 steps, leaving zero-size boxes and a box
+    # loss stuck at 1 (seen on fashion-paste with seed 0). A bias of 1 starts every box at 2 strides, inside the ReLU.
+    nn.init.constant_(detector.head.regression_head.bbox_reg.bias, FCOS_REGRESSION_BIAS)
+    return detector

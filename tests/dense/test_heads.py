@@ -104,3 +104,18 @@ def test_unknown_head_and_decoder_are_named() -> None:
         build_detector(pyramid, "yolo", num_classes=2)
     with pytest.raises(ValueError, match="decoder='segformer'.*upernet"):
         build_segmenter(pyramid, "segformer", num_classes=3)
+
+
+def test_untrained_fcos_predicts_boxes_of_positive_size(coins: tuple) -> None:
+    """FCOS's (l, t, r, b) pass through a ReLU: from torchvision's zero bias half of them start dead and Adam can
+    push the rest below zero, leaving zero-size boxes that no GIoU gradient revives. chanzoo starts every box at
+    two strides, so an untrained FCOS already predicts boxes with area, from every location."""
+    image, _, _ = coins
+    pyramid = PyramidBackbone(chanzoo.create_model("resnet18", num_classes=0), strides=(8, 16, 32))
+    detector = build_detector(pyramid, "fcos", num_classes=2, fpn_channels=64, min_size=96, max_size=128,
+                              head_kwargs={"score_thresh": 0.0, "detections_per_img": 1000})
+    detector.eval()
+    with torch.no_grad():
+        boxes = detector([image])[0]["boxes"]
+    sizes = boxes[:, 2:] - boxes[:, :2]
+    assert len(boxes) > 100 and bool((sizes > 1).all()), sizes.min(0).values
