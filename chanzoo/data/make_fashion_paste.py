@@ -302,7 +302,8 @@ class FashionPasteDetectionDataModule(COCODetectionDataModule):
 
     def __init__(self, root: str = "data/fashion_paste", generate: Mapping[str, int] | None = None,
                  **kwargs: Any) -> None:
-        super().__init__(str(ensure_fashion_paste(root, generate)), **kwargs)
+        layout = {"train_split": "train", "val_split": "val", "test_split": "test", "max_size": None}
+        super().__init__(str(ensure_fashion_paste(root, generate)), **{**layout, **kwargs})
 
 
 class FashionPasteSegmentationDataModule(SegmentationDataModule):
@@ -311,7 +312,9 @@ class FashionPasteSegmentationDataModule(SegmentationDataModule):
 
     def __init__(self, root: str = "data/fashion_paste", generate: Mapping[str, int] | None = None,
                  **kwargs: Any) -> None:
-        super().__init__(str(ensure_fashion_paste(root, generate)), **kwargs)
+        layout = {split: {"img_dir": split, "ann_dir": f"masks/{split}"} for split in ("train", "val", "test")}
+        layout.update(num_classes=11, class_names=["background", *CLASSES], crop_size=128, eval_resize=False)
+        super().__init__(str(ensure_fashion_paste(root, generate)), **{**layout, **kwargs})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
