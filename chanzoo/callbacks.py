@@ -270,40 +270,52 @@ class PlotCurves(L.Callback):
         self.draw(trainer)
 
 
-def _read_epoch_series(metrics_csv: Path) -> dict[str, list[tuple[float, float]]]:
+# the headline metric of each task, drawn in the right panel (a detector logs a dozen mAP variants)
+_PLOTTED_METRICS = ("acc1", "acc5", "psnr", "ssim", "map", "map_50", "mask_map", "miou", "pixel_acc")
+
+
+def _read_step_series(metrics_csv: Path) -> dict[str, list[tuple[float, float]]]:
+    """Every logged value of ``metrics_csv`` as ``{name: [(step, value), ...]}``; epoch aggregates keep their name
+    without ``_epoch``."""
     series: dict[str, list[tuple[float, float]]] = {}
     with open(metrics_csv, newline="") as f:
         for row in csv.DictReader(f):
-            if not row.get("epoch"):
+            if not row.get("step"):
                 continue
             for key, value in row.items():
-                if key in ("epoch", "step") or not value or key.endswith("_step"):
+                if key in ("epoch", "step") or not value:
                     continue
-                series.setdefault(key.removesuffix("_epoch"), []).append((float(row["epoch"]), float(value)))
+                series.setdefault(key.removesuffix("_epoch"), []).append((float(row["step"]), float(value)))
     return series
 
 
 def plot_metrics_csv(metrics_csv: Path, out_png: Path) -> Path:
-    """Plot every epoch-level loss (left) and accuracy-like metric (right) from a Lightning ``metrics.csv``."""
+    """Plot the losses (left: each training step and each epoch's mean) and the headline metrics (right: accuracy,
+    PSNR/SSIM, mAP, mIoU) of a Lightning ``metrics.csv`` against the training step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = _read_epoch_series(metrics_csv)
+    series = _read_step_series(metrics_csv)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for name, points in sorted(series.items()):
-        ax = ax_loss if "loss" in name else ax_acc if ("acc" in name or "psnr" in name or "ssim" in name) else None
-        if ax is None:
+        if "/" not in name or name.startswith("test/"):
             continue
-        epochs, values = zip(*points)
-        ax.plot([e + 1 for e in epochs], values, marker="o", label=name)
+        metric = name.split("/", 1)[1]
+        steps, values = zip(*points)
+        if name.endswith("loss_step"):
+            ax_loss.plot(steps, values, lw=0.8, alpha=0.5, label=name)
+        elif "loss" in metric:
+            ax_loss.plot(steps, values, marker="o", label=name)
+        elif metric in _PLOTTED_METRICS:
+            ax_acc.plot(steps, values, marker="o", label=name)
     for ax, title in ((ax_loss, "loss"), (ax_acc, "metric")):
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("step")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend()
+            ax.legend(fontsize="small")
     fig.tight_layout()
     with atomic_open(out_png, "wb") as f:
         fig.savefig(f, format="png", dpi=100)
