@@ -8,6 +8,7 @@ from typing import Any, Mapping, Optional
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 
@@ -36,6 +37,21 @@ def drop_crowd(target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return target
     keep = iscrowd == 0
     return {k: v[keep] if torch.is_tensor(v) and v.ndim and len(v) == len(keep) else v for k, v in target.items()}
+
+
+def gather_map_states(metric: MeanAveragePrecision) -> None:
+    """Under torch.distributed, replace ``metric``'s per-image states by those of every rank (in rank order), so
+    that ``compute()`` scores the whole evaluation set on each rank. Works with any number of images per rank;
+    the states travel as CPU tensors through ``all_gather_object``."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    names = list(metric._defaults)
+    local = {name: [t.cpu() for t in getattr(metric, name)] for name in names}
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    device = metric.device
+    for name in names:
+        setattr(metric, name, [t.to(device) for states in gathered for t in states[name]])
 
 
 class DetectionTask(NonFiniteGuardMixin, TimmOptimMixin, L.LightningModule):
@@ -97,7 +113,10 @@ class DetectionTask(NonFiniteGuardMixin, TimmOptimMixin, L.LightningModule):
         self._shown: Optional[tuple] = None  # the first test images, predictions and targets, for the figure
         iou_type = ("bbox", "segm") if self.with_masks else "bbox"
         for stage in ("val", "test"):
-            self.add_module(f"{stage}_map", MeanAveragePrecision(iou_type=iou_type, backend="faster_coco_eval"))
+            # synced by gather_map_states: torchmetrics' own sync gathers one tensor per image and deadlocks (or
+            # aborts) when the ranks hold different numbers of images, as they do when each image counts once
+            metric = MeanAveragePrecision(iou_type=iou_type, backend="faster_coco_eval", sync_on_compute=False)
+            self.add_module(f"{stage}_map", metric)
 
     @property
     def backbone(self) -> nn.Module:
@@ -147,10 +166,16 @@ class DetectionTask(NonFiniteGuardMixin, TimmOptimMixin, L.LightningModule):
         preds, gts = self._metric_inputs(predictions, targets)
         getattr(self, f"{stage}_map").update(preds, gts)
 
-    def _log_map(self, stage: str) -> None:
+    def compute_map(self, stage: str) -> dict[str, torch.Tensor]:
+        """COCO metrics of everything ``stage`` ('val' or 'test') scored so far, on every rank's images; resets."""
         metric = getattr(self, f"{stage}_map")
+        gather_map_states(metric)
         results = metric.compute()
         metric.reset()
+        return results
+
+    def _log_map(self, stage: str) -> None:
+        results = self.compute_map(stage)
         prefixes = {"bbox_": "", "segm_": "mask_"} if self.with_masks else {"": ""}
         for source, target in prefixes.items():
             for key in _SCALAR_KEYS:
