@@ -151,4 +151,5 @@ default_cfgs = generate_default_cfgs({"small_cnn.untrained": _cfg()})
 @register_model
 def small_cnn(pretrained: bool = False, **kwargs: Any) -> SmallCNN:
     """SmallCNN 32-64-128, two convs per stage (about 0.29M parameters)."""
-    return _create_small_cnn("small_cnn", pretrained, **dict(widths=(32, 64, 128), depths=(2, 2, 2), **kwargs))
+    model_args = dict(widths=(32, 64, 128), depths=(2, 2, 2))
+    return _create_small_cnn("small_cnn", pretrained, **dict(model_args, **kwargs))

@@ -8,6 +8,7 @@ from typing import Any, Mapping, Optional
 import lightning as L
 import torch
 import torch.nn.functional as F
+from segmentation_models_pytorch.losses import DiceLoss
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
@@ -19,6 +20,22 @@ from chanzoo.tasks.guard import NonFiniteGuardMixin, check_on_nonfinite
 from chanzoo.tasks.optim import TimmOptimMixin
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class SegmentationLoss(nn.Module):
+    """Cross-entropy over the labelled pixels, plus ``dice_weight`` x smp's multi-class Dice loss when positive."""
+
+    def __init__(self, ignore_index: int = 255, dice_weight: float = 0.0) -> None:
+        super().__init__()
+        self.cross_entropy = nn.CrossEntropyLoss(ignore_index=ignore_index)
+        self.dice_weight = float(dice_weight)
+        self.dice = DiceLoss("multiclass", ignore_index=ignore_index) if self.dice_weight else None
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = self.cross_entropy(logits, labels)
+        if self.dice is not None:
+            loss = loss + self.dice_weight * self.dice(logits, labels)
+        return loss
 
 
 class SegmentationTask(NonFiniteGuardMixin, TimmOptimMixin, L.LightningModule):
@@ -33,6 +50,8 @@ class SegmentationTask(NonFiniteGuardMixin, TimmOptimMixin, L.LightningModule):
         backbone: ``PyramidBackbone`` options (out_indices, frozen_stages, frozen_bn, pyramid_channels).
         backbone_lr_mult: the backbone's learning rate relative to the decoder's.
         ignore_index: the label of pixels that count in neither loss nor metrics.
+        dice_weight: > 0 adds this times smp's multi-class Dice loss to the cross-entropy (the Dice term weighs every
+            class present in a batch equally, which lifts small classes' IoU when background dominates the pixels).
         on_nonfinite: 'stop' (raise at the first non-finite loss or gradient) or 'skip' (drop that step).
     """
 
@@ -51,6 +70,7 @@ class SegmentationTask(NonFiniteGuardMixin, TimmOptimMixin, L.LightningModule):
         backbone: Optional[Mapping[str, Any]] = None,
         backbone_lr_mult: float = 1.0,
         ignore_index: int = 255,
+        dice_weight: float = 0.0,
         on_nonfinite: str = "stop",
     ) -> None:
         super().__init__()
@@ -64,7 +84,9 @@ class SegmentationTask(NonFiniteGuardMixin, TimmOptimMixin, L.LightningModule):
         pyramid = PyramidBackbone(model, **dict(backbone or {}))
         self.model = build_segmenter(pyramid, decoder, num_classes, decoder_channels, dict(decoder_kwargs or {}))
         self.num_classes = num_classes
-        self.loss = nn.CrossEntropyLoss(ignore_index=ignore_index)
+        if dice_weight < 0:
+            raise ValueError(f"task.dice_weight must be >= 0, got {dice_weight}")
+        self.loss = SegmentationLoss(ignore_index, dice_weight)
         self._shown: Optional[tuple] = None  # the first test images, predictions and labels, for the figure
         for stage in ("val", "test"):
             self.add_module(f"{stage}_metrics", nn.ModuleDict({
