@@ -343,3 +343,14 @@ def test_finite_check_accepts_empty_tensors() -> None:
     assert _all_finite([torch.zeros(0)])
     assert not _all_finite([torch.zeros(0), torch.tensor([1.0, float("nan")])])
     assert not _all_finite([torch.tensor([float("inf")])])
+
+
+def test_finite_check_by_sums_has_no_false_alarm_in_half_precision() -> None:
+    """The guard sums each tensor: half-precision gradients whose fp16 sum would overflow (100k x 60000) are still
+    finite, and a NaN or inf anywhere, of either sign, in any dtype, is caught."""
+    from chanzoo.tasks.guard import _all_finite
+
+    assert _all_finite([torch.full((100_000,), 60_000.0, dtype=torch.float16)])
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            assert not _all_finite([torch.ones(5, dtype=dtype), torch.tensor([1.0, bad, -1.0], dtype=dtype)])
