@@ -42,16 +42,18 @@ def drop_crowd(target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def gather_map_states(metric: MeanAveragePrecision) -> None:
     """Under torch.distributed, replace ``metric``'s per-image states by those of every rank (in rank order), so
     that ``compute()`` scores the whole evaluation set on each rank. Works with any number of images per rank;
-    the states travel as CPU tensors through ``all_gather_object``."""
+    the states travel through ``all_gather_object`` (tensors moved to the CPU)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     names = list(metric._defaults)
-    local = {name: [t.cpu() for t in getattr(metric, name)] for name in names}
+    # box, score and label states are tensors; mask states are tuples of RLE encodings
+    local = {name: [t.cpu() if torch.is_tensor(t) else t for t in getattr(metric, name)] for name in names}
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
     device = metric.device
     for name in names:
-        setattr(metric, name, [t.to(device) for states in gathered for t in states[name]])
+        states = [t for rank_states in gathered for t in rank_states[name]]
+        setattr(metric, name, [t.to(device) if torch.is_tensor(t) else t for t in states])
 
 
 class DetectionTask(NonFiniteGuardMixin, TimmOptimMixin, L.LightningModule):

@@ -18,12 +18,12 @@ def shard(items: list, rank: int, world_size: int) -> list:
 
 
 def score(det_task: Any, seg_task: Any, predictions: dict[str, Any]) -> dict[str, float]:
-    """Box mAP of the detection task's ``test_map`` and the segmentation task's ``test_metrics`` over the given
-    predictions, as the tasks' test steps feed them (``_metric_inputs`` for detection)."""
+    """Box and mask mAP of the (Mask R-CNN) detection task's ``test_map`` and the segmentation task's
+    ``test_metrics`` over the given predictions, as the tasks' test steps feed them (``_metric_inputs``)."""
     preds, gts = det_task._metric_inputs(predictions["det_preds"], predictions["det_targets"])
     det_task.test_map.update(preds, gts)
-    boxes = det_task.compute_map("test")
-    scores = {f"det/{key}": float(boxes[key]) for key in _SCALAR_KEYS}
+    results = det_task.compute_map("test")
+    scores = {f"det/{iou}_{key}": float(results[f"{iou}_{key}"]) for iou in ("bbox", "segm") for key in _SCALAR_KEYS}
     for logits_argmax, masks in zip(predictions["seg_preds"], predictions["seg_masks"]):
         for metric in seg_task.test_metrics.values():
             metric.update(logits_argmax[None], masks[None])
@@ -32,12 +32,13 @@ def score(det_task: Any, seg_task: Any, predictions: dict[str, Any]) -> dict[str
 
 
 def build_tasks() -> tuple[Any, Any]:
-    """Small FCOS and semantic-FPN tasks on ResNet-18 for fashion-paste (10 garment classes; 11 with background)."""
+    """Small Mask R-CNN and semantic-FPN tasks on ResNet-18 for fashion-paste (10 garment classes; 11 with
+    background)."""
     from chanzoo import create_model
     from chanzoo.tasks.detection import DetectionTask
     from chanzoo.tasks.segmentation import SegmentationTask
 
-    det = DetectionTask(create_model("resnet18", num_classes=10), {}, {}, num_classes=10, head="fcos",
+    det = DetectionTask(create_model("resnet18", num_classes=10), {}, {}, num_classes=10, head="mask_rcnn",
                         fpn_channels=32, min_size=128, max_size=128)
     seg = SegmentationTask(create_model("resnet18", num_classes=11), {}, {}, num_classes=11, decoder="fpn",
                            decoder_channels=32)

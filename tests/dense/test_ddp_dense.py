@@ -1,9 +1,10 @@
 """Dense prediction under two-process DDP on CPU (gloo): the metrics the tasks report equal one process's, and
 ``train.py trainer=ddp`` trains, validates and tests a detector and a segmenter.
 
-The metric check feeds one fixed set of predictions (fashion-paste test images: ground-truth boxes jittered, some
-labels and mask regions wrong, false positives added) to the tasks' own metric objects, dealt unevenly over two
-ranks; what torchmetrics returns after its cross-process sync must equal one process scoring everything."""
+The metric check feeds one fixed set of predictions (fashion-paste test images: ground-truth boxes jittered,
+instance masks shifted, some labels and semantic regions wrong, false positives added) to the tasks' own metric
+objects, dealt unevenly over two ranks; what they compute after the cross-process sync must equal one process
+scoring everything (box and mask mAP of Mask R-CNN's metric, mIoU and pixel accuracy)."""
 from __future__ import annotations
 
 import json
@@ -34,7 +35,7 @@ def fashion_paste(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _fixed_predictions(root: Path) -> dict[str, list]:
     """Imperfect predictions for every test image, seeded: mAP and mIoU land well between 0 and 1."""
     gen = torch.Generator().manual_seed(0)
-    det = FashionPasteDetectionDataModule(str(root), num_workers=0)
+    det = FashionPasteDetectionDataModule(str(root), num_workers=0, with_masks=True)
     seg = FashionPasteSegmentationDataModule(str(root), num_workers=0)
     det.setup("test")
     seg.setup("test")
@@ -47,10 +48,16 @@ def _fixed_predictions(root: Path) -> dict[str, list]:
         labels[wrong] = torch.randint(1, 11, (int(wrong.sum()),), generator=gen)
         corner = torch.rand(2, 2, generator=gen) * 90
         extra = torch.cat([corner, corner + 16 + torch.rand(2, 2, generator=gen) * 20], 1)  # two false positives
+        height, width = target["masks"].shape[-2:]
+        extra_masks = torch.zeros(2, height, width)
+        for mask, (x0, y0, x1, y1) in zip(extra_masks, extra.int().tolist()):
+            mask[y0:y1, x0:x1] = 1.0
+        shifted = target["masks"].float().roll(shifts=(2, -1), dims=(1, 2))  # masks a little off their objects
         det_preds.append({
             "boxes": torch.cat([boxes, extra]),
             "scores": torch.rand(len(boxes) + 2, generator=gen),
             "labels": torch.cat([labels, torch.randint(1, 11, (2,), generator=gen)]),
+            "masks": torch.cat([shifted, extra_masks])[:, None],  # (N, 1, H, W) probabilities, as Mask R-CNN gives
         })
         det_targets.append(target)
         _, mask = seg.test_set[index]
@@ -72,8 +79,9 @@ def test_detection_map_and_segmentation_miou_under_ddp_equal_one_process(fashion
     single = score(*build_tasks(), predictions)
     half = score(*build_tasks(), {key: shard(values, 0, 2) for key, values in predictions.items()})
 
-    assert 0.1 < single["det/map_50"] < 0.95 and 0.1 < single["seg/miou"] < 0.95, single  # the check tells apart
-    for key in ("det/map", "det/map_50", "det/mar_100", "seg/miou", "seg/pixel_acc"):
+    for key in ("det/bbox_map_50", "det/segm_map_50", "seg/miou"):
+        assert 0.1 < single[key] < 0.95, (key, single)  # the check tells apart
+    for key in ("det/bbox_map", "det/bbox_map_50", "det/segm_map", "det/bbox_mar_100", "seg/miou", "seg/pixel_acc"):
         assert half[key] != pytest.approx(single[key], abs=1e-4), f"{key}: one rank's share scores the same"
     for rank in ranks:
         assert rank.keys() == single.keys()
