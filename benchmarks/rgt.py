@@ -5,7 +5,9 @@
 FLOPs are counted by chanzoo's profiler (``FlopCounterMode``, 2 FLOPs per multiply-add; fvcore's multiply-add count
 beside it) for a 3x512x512 output, as the RGT README counts them (x4: 128x128 input; x2: 256x256; x3: 171x171, i.e.
 513x513 out). SR papers' "FLOPs" are multiply-adds, so the table sets GMACs beside the paper's figure.
-Throughput: one 3x256x256 input (batch 1) in eval mode, timed alternately with the official model when given.
+Throughput: one 3x256x256 crop of scikit-image's astronaut photo (batch 1) in eval mode, timed alternately with the
+official model when given; the official model's weights are loaded into chanzoo's (``checkpoint_filter_fn``), so the
+table also gives the largest absolute difference between the two outputs.
 """
 from __future__ import annotations
 
@@ -17,8 +19,10 @@ from pathlib import Path
 
 import timm
 import torch
+from skimage import data
 
 import chanzoo  # noqa: F401  (registers the models)
+from chanzoo.models.rgt import checkpoint_filter_fn
 from chanzoo.profile import count_flops, count_params, fvcore_macs, machine_name, time_interleaved
 
 PAPER = {  # RGT README / paper: params (M), FLOPs (G, multiply-adds) at a 512x512 output (x4 rows)
@@ -60,8 +64,9 @@ def main() -> None:
     device = torch.device("cpu")
     print(f"machine: {machine_name(device)}, {args.threads} threads, torch {torch.__version__}")
     print("| model | params (M) | paper params (M) | GMACs @512x512 out | fvcore GMACs | paper GFLOPs (MACs) |"
-          " img/s 256x256 (chanzoo) | img/s (official) | chanzoo / official |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          " img/s 256x256 (chanzoo) | img/s (official) | chanzoo / official | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    photo = torch.from_numpy(data.astronaut()[100:356, 150:406]).permute(2, 0, 1)[None].float() / 255
     for name in args.models:
         model = timm.create_model(name).eval()
         scale = model.upscale
@@ -69,20 +74,24 @@ def main() -> None:
         flops, _ = count_flops(model, torch.rand(1, 3, side, side))
         macs_fv = fvcore_macs(model, torch.rand(1, 3, side, side))[0] if args.fvcore else None
         params = count_params(model)[0]
-        x = torch.rand(1, 3, 256, 256)
-        fns = {"chanzoo": lambda: model(x)}
+        fns = {"chanzoo": lambda: model(photo)}
+        diff = None
         if official is not None:
             ref = official_model(official, name).eval()
-            fns["official"] = lambda: ref(x)
+            model.load_state_dict(checkpoint_filter_fn(ref.state_dict(), model))
+            fns["official"] = lambda: ref(photo)
+            with torch.no_grad():
+                diff = (model(photo) - ref(photo)).abs().max().item()
         with torch.no_grad():
-            timing = time_interleaved(fns, device, warmup=1, repeats=args.repeats)
+            timing = time_interleaved(fns, device, warmup=0 if diff is not None else 1, repeats=args.repeats)
         ours = 1.0 / timing["chanzoo"].median
         theirs = 1.0 / timing["official"].median if "official" in timing else None
         paper_params, paper_flops = PAPER[name]
         print(
             f"| {name} | {params / 1e6:.2f} | {paper_params:.2f} | {flops / 2e9:.1f} | "
             f"{macs_fv / 1e9 if macs_fv else float('nan'):.1f} | {paper_flops if paper_flops else '-'} | {ours:.3f} | "
-            f"{f'{theirs:.3f}' if theirs else '-'} | {f'{ours / theirs:.2f}' if theirs else '-'} |"
+            f"{f'{theirs:.3f}' if theirs else '-'} | {f'{ours / theirs:.2f}' if theirs else '-'} | "
+            f"{f'{diff:.1e}' if diff is not None else '-'} |"
         )
 
 

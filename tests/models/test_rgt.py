@@ -9,7 +9,7 @@ import torch
 from skimage import data
 
 import chanzoo
-from chanzoo.models.rgt import RGT, WindowAttention, _is_shifted, _shift_mask
+from chanzoo.models.rgt import RG_SA, RGT, WindowAttention, _is_shifted, _recursive_reduction, _shift_mask
 
 # Exact counts of the official basicsr/archs/rgt_arch.py (zhengchen1999/RGT) built with the released test ymls;
 # the README/paper round them to 10.05/10.24/10.20M and 13.22/13.40/13.37M.
@@ -116,14 +116,16 @@ def test_min_input_size_pads_only_where_rg_sa_needs_it() -> None:
     assert model.min_input_size(20, 1100) == (64, 1100)  # 3 recursions need 64 rows
 
 
-def test_window_attention_equals_reference_softmax() -> None:
-    """Our SDPA window attention equals softmax(q k^T * d^-0.5 + bias + mask) v computed window by window."""
+@pytest.mark.parametrize("shifted", [True, False])
+@pytest.mark.parametrize("height, width, batch", [(8, 16, 2), (12, 24, 2), (16, 8, 1)])
+def test_window_attention_equals_reference_softmax(height: int, width: int, batch: int, shifted: bool) -> None:
+    """Our SDPA window attention equals softmax(q k^T * d^-0.5 + bias + mask) v computed window by window; 3x3 and
+    4x1 window grids check that only the last window row and column need the shift mask."""
     torch.manual_seed(0)
     attn = WindowAttention(dim=16, num_heads=2, window_h=4, window_w=8).eval()
-    height, width, batch = 8, 16, 2
     qkv = torch.randn(3, batch, height * width, 16)
-    mask = _shift_mask(height, width, 4, 8, 2, 4)
-    out = attn(qkv, height, width, mask)
+    mask = _shift_mask(height, width, 4, 8, 2, 4) if shifted else torch.zeros(height * width // 32, 32, 32)
+    out = attn(qkv, height, width, mask if shifted else None)
 
     tokens = 32
     bias = attn.pos(attn.rpe_biases)[attn.relative_position_index.view(-1)].view(tokens, tokens, 2).permute(2, 0, 1)
@@ -137,6 +139,36 @@ def test_window_attention_equals_reference_softmax() -> None:
             res = (logits.softmax(-1) @ v).permute(1, 0, 2).reshape(4, 8, 16)
             expected[b, top : top + 4, left : left + 8] = res
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def _rg_sa_reference(attn: RG_SA, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """RG-SA written out with an explicit softmax (q/k head size ``c_ratio`` times v's, as in the paper)."""
+    batch, length, channels = x.shape
+    heads = attn.num_heads
+    reduced = _recursive_reduction(
+        x.transpose(1, 2).reshape(batch, channels, height, width), attn.reduction1.weight, attn.reduction1.bias, False
+    )
+    rh, rw = reduced.shape[-2:]
+    reduced = attn.norm_act(attn.conv(attn.dwconv(reduced)).flatten(2).transpose(1, 2))
+    q = attn.q(x).view(batch, length, heads, -1).transpose(1, 2)
+    k = attn.k(reduced).view(batch, rh * rw, heads, -1).transpose(1, 2)
+    v = attn.v(reduced)
+    v = v + attn.cpe(v.transpose(1, 2).reshape(batch, channels, rh, rw)).flatten(2).transpose(1, 2)
+    v = v.view(batch, rh * rw, heads, -1).transpose(1, 2)
+    weights = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)
+    return attn.proj((weights @ v).transpose(1, 2).reshape(batch, length, channels))
+
+
+@pytest.mark.parametrize("c_ratio", [0.5, 2.0])
+def test_rg_sa_equals_reference_softmax(c_ratio: float) -> None:
+    """RG-SA pads the narrower of q/k and v to one head size for the fused kernel; the result is unchanged."""
+    torch.manual_seed(0)
+    attn = RG_SA(dim=24, num_heads=3, c_ratio=c_ratio).eval()
+    height, width = 32, 48
+    x = _photo(height, width).repeat(1, 8, 1, 1).flatten(2).transpose(1, 2) * 2 - 1  # (1, H*W, 24) real pixels
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, height, width), _rg_sa_reference(attn, x, height, width),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_shift_mask_separates_wrapped_regions() -> None:
