@@ -6,25 +6,71 @@ Throughput (forward, batch 1, images/s) is timed at 256x256 and at 128x128 side 
 see the same load); the ratio of megapixels/s shows how the cost scales with the image (DHSA attends between
 (channel, bin) tokens, so its matmuls grow linearly with the pixels and only the sorts grow as N log N).
 
-    python benchmarks/histoformer.py [--repeats 5]
+With ``--official path/to/histoformer_arch.py`` (sunshangquan/Histoformer; needs einops) the official model's weights
+(seeded, temperatures drawn from U(0.5, 2)) are loaded into chanzoo's and, on a 128x128 crop of scikit-image's astronaut
+photo, the script prints how far chanzoo's output is from the official one, and how far the official output itself
+moves when only the arithmetic changes (one thread instead of several; channels-last convolutions); then it times
+both models at 256x256 in turns.
+
+    python benchmarks/histoformer.py [--repeats 5] [--official path/to/histoformer_arch.py]
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
+from pathlib import Path
 
 import timm
 import torch
+from skimage import data
 
 import chanzoo  # noqa: F401  (registers histoformer)
+from chanzoo.models.histoformer import checkpoint_filter_fn
 from chanzoo.profile import count_flops, count_params, machine_name, time_interleaved
 
 OFFICIAL_PARAMS = 16_615_100  # official histoformer_arch.py with Allweather_Histoformer.yml, counted on CPU
 PAPER_PARAMS_M = 16.6
 
 
+def compare_with_official(path: Path, repeats: int) -> None:
+    """Output agreement and side-by-side speed against the official ``Histoformer`` with the same weights."""
+    spec = importlib.util.spec_from_file_location("histoformer_official", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    official = module.Histoformer(inp_channels=3, out_channels=3, dim=36, num_blocks=[4, 4, 6, 8],
+                                  num_refinement_blocks=4, heads=[1, 2, 4, 8], ffn_expansion_factor=2.667,
+                                  bias=False, LayerNorm_type="WithBias").eval()
+    for name, param in official.named_parameters():
+        if name.endswith("temperature"):
+            param.data.uniform_(0.5, 2.0)
+    ours = timm.create_model("histoformer").eval()
+    ours.load_state_dict(checkpoint_filter_fn(official.state_dict(), ours))
+    photo = torch.from_numpy(data.astronaut()[100:356, 150:406]).permute(2, 0, 1)[None].float() / 255
+    crop = photo[..., :128, :128]
+    threads = torch.get_num_threads()
+    with torch.inference_mode():
+        reference = official(crop)
+        print(f"\nmax abs difference, 128x128 astronaut crop, {threads} threads:")
+        print(f"  chanzoo vs official: {(ours(crop) - reference).abs().max().item():.2e}")
+        torch.set_num_threads(1)
+        print(f"  official, 1 thread vs {threads}: {(official(crop) - reference).abs().max().item():.2e}")
+        torch.set_num_threads(threads)
+        channels_last = official.to(memory_format=torch.channels_last)
+        moved = channels_last(crop.contiguous(memory_format=torch.channels_last))
+        official = official.to(memory_format=torch.contiguous_format)
+        print(f"  official, channels-last vs contiguous convolutions: {(moved - reference).abs().max().item():.2e}")
+        timings = time_interleaved({"chanzoo": lambda: ours(photo), "official": lambda: official(photo)},
+                                   torch.device("cpu"), warmup=1, repeats=repeats)
+    ratio = timings["official"].median / timings["chanzoo"].median
+    print(f"256x256 forward (median of {repeats}, in turns): chanzoo {timings['chanzoo'].median:.2f} s, official "
+          f"{timings['official'].median:.2f} s, chanzoo / official speed {ratio:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--official", type=Path, help="the official basicsr/models/archs/histoformer_arch.py")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"machine: {machine_name(torch.device('cpu'))}, torch threads {torch.get_num_threads()}")
@@ -52,6 +98,8 @@ def main() -> None:
         print(f"| {size}x{size} | {timing.median:.3f} | {1 / timing.median:.2f} | {mpix[size]:.3f} | "
               f"{timing.spread_pct:.0f} |")
     print(f"Mpixel/s ratio 256/128: {mpix[256] / mpix[128]:.2f} (1.00 = cost proportional to the pixels)")
+    if args.official:
+        compare_with_official(args.official, args.repeats)
 
 
 if __name__ == "__main__":

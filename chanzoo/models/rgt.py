@@ -31,6 +31,7 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from torch.utils.checkpoint import checkpoint
 
 from chanzoo.hub import generate_default_cfgs
@@ -100,6 +101,69 @@ def _recursive_reduction(
     for _ in range(_rg_recursions(x.shape[-2], x.shape[-1], training)):
         x = F.conv2d(x, weight, bias, stride=4, groups=x.shape[1])
     return x
+
+
+@torch.fx.wrap  # one node under torch.fx tracing (it branches on the feature-map size)
+def _pad_bottom_right(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
+    """Zero-pad a (..., H, W, C) tensor at the bottom and right; no copy when nothing is padded."""
+    return F.pad(x, (0, 0, 0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+
+
+@torch.fx.wrap  # one node under torch.fx tracing: it picks its formulation at run time, as eager code does
+def _window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, mask: Optional[torch.Tensor],
+    batch: int, columns: int, dropout: float, scale: float,
+) -> torch.Tensor:
+    """Window attention of (B * windows, heads, N, d) inputs with a (1, heads, N, N) position ``bias`` and an optional
+    (windows, N, N) shifted-window ``mask`` (windows in row-major order, ``columns`` per row).
+
+    For CPU's fused kernel, all windows first attend with the bias alone (the mask is zero for every window off the
+    last window row and column, see ``_build_shift_mask``), then only the border windows are recomputed with
+    bias + mask, so the (windows, heads, N, N) sum is never formed for the whole image.
+    """
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
+    if not _cpu_fused_attention(q):  # the plain formulation: bias + mask for every window
+        return F.scaled_dot_product_attention(
+            *(t.unflatten(0, (batch, -1)) for t in (q, k, v)),
+            attn_mask=bias + mask.unsqueeze(1).to(q.dtype), dropout_p=dropout, scale=scale,
+        ).flatten(0, 1)
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
+    windows = mask.shape[0]
+    grid = torch.arange(windows, device=q.device).view(windows // columns, columns)
+    border = torch.cat([grid[:-1, -1], grid[-1]])
+    border = (torch.arange(batch, device=q.device)[:, None] * windows + border).flatten()
+    x_border = F.scaled_dot_product_attention(
+        q[border], k[border], v[border], attn_mask=bias + mask[border % windows].unsqueeze(1).to(q.dtype),
+        dropout_p=dropout, scale=scale,
+    )
+    return x.index_copy(0, border, x_border)
+
+
+@torch.fx.wrap  # one node under torch.fx tracing: it picks its formulation at run time, as eager code does
+def _cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float, scale: float) -> torch.Tensor:
+    """SDPA whose q/k and v may differ in head size. CPU's fused kernel needs one size, so there the narrower side is
+    zero-padded, which leaves every dot product and so the result unchanged (the unfused path ran 2.8x slower at
+    256x256)."""
+    if not _cpu_fused_attention(q):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
+    qk_dim, v_dim = q.shape[-1], v.shape[-1]
+    if qk_dim < v_dim:
+        q, k = F.pad(q, (0, v_dim - qk_dim)), F.pad(k, (0, v_dim - qk_dim))
+    elif v_dim < qk_dim:
+        v = F.pad(v, (0, qk_dim - v_dim))
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)[..., :v_dim]
+
+
+def _cpu_fused_attention(t: torch.Tensor) -> bool:
+    """Whether attention is rearranged for CPU's fused SDPA kernel (4-D inputs, one head size; see ``WindowAttention``
+    and ``RG_SA``). Not on other devices, nor while the model is compiled, exported, traced or counted (FLOP counters
+    and fake-tensor modes are dispatch modes): those see the model's own formulation and its FLOPs."""
+    if isinstance(t, torch.fx.Proxy) or t.device.type != "cpu":
+        return False
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    return not is_in_torch_dispatch_mode()
 
 
 class ImageToTokens(nn.Module):
@@ -191,36 +255,15 @@ class WindowAttention(nn.Module):
         x = x.permute(0, 1, 3, 5, 2, 4, 6)
         return x.reshape(-1, self.num_heads, wh * ww, channels // self.num_heads)
 
-    def _border_windows(self, batch: int, height: int, width: int, device: torch.device) -> torch.Tensor:
-        """Indices (into B * windows) of the windows in the last window row or column: the only ones whose
-        shifted-window mask is not all zero (see ``_build_shift_mask``)."""
-        rows, cols = height // self.window_h, width // self.window_w
-        grid = torch.arange(rows * cols, device=device).view(rows, cols)
-        border = torch.cat([grid[:-1, -1], grid[-1]])
-        return (torch.arange(batch, device=device)[:, None] * (rows * cols) + border).flatten()
-
     def forward(self, qkv: torch.Tensor, height: int, width: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``qkv``: (3, B, H*W, C), H and W multiples of the window; ``mask``: (windows, N, N); returns (B, H, W, C).
-
-        With a shifted-window ``mask``, all windows first attend with the position bias alone (the mask is zero for
-        every window off the last window row and column), then the border windows are recomputed with bias + mask:
-        the (windows, heads, N, N) sum is never formed for the whole image.
-        """
+        """``qkv``: (3, B, H*W, C), H and W multiples of the window; ``mask``: (windows, N, N); returns (B, H, W, C)."""
         batch, _, channels = qkv.shape[1:]
         q, k, v = (self._partition(qkv[i], height, width) for i in range(3))
         tokens = self.window_h * self.window_w
         bias = self.pos(self.rpe_biases)[self.relative_position_index.view(-1)].view(tokens, tokens, -1)
         bias = bias.permute(2, 0, 1).unsqueeze(0).to(q.dtype)  # 1, heads, N, N
         dropout = self.attn_drop if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=self.scale)
-        if mask is not None:
-            border = self._border_windows(batch, height, width, q.device)
-            windows = mask.shape[0]
-            border_mask = bias + mask[border % windows].unsqueeze(1).to(q.dtype)
-            x_border = F.scaled_dot_product_attention(
-                q[border], k[border], v[border], attn_mask=border_mask, dropout_p=dropout, scale=self.scale
-            )
-            x = x.index_copy(0, border, x_border)
+        x = _window_attention(q, k, v, bias, mask, batch, width // self.window_w, dropout, self.scale)
         wh, ww = self.window_h, self.window_w
         x = x.view(batch, height // wh, width // ww, self.num_heads, wh, ww, channels // self.num_heads)
         return x.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, height, width, channels)
@@ -301,8 +344,7 @@ class L_SA(nn.Module):
         pad_h, pad_w = (-height) % multiple, (-width) % multiple
         ph, pw = height + pad_h, width + pad_w
         qkv = qkv.reshape(3, batch, height, width, channels)
-        if pad_h or pad_w:  # zeros on the right and bottom (skipped when no padding is needed: F.pad would copy)
-            qkv = F.pad(qkv, (0, 0, 0, pad_w, 0, pad_h))
+        qkv = _pad_bottom_right(qkv, pad_h, pad_w)
         sh, sw = self.shift_size
         short, long = self.split_size
         if self.shifted:
@@ -371,16 +413,8 @@ class RG_SA(nn.Module):
         v = self.v(reduced)  # B, N', C
         v = v + _image_to_tokens(self.cpe(_tokens_to_image(v, rh, rw)))
         v = v.reshape(batch, -1, heads, channels // heads).transpose(1, 2)
-        # CPU's fused SDPA kernel needs one head size for q, k and v: zero-padding the narrower side leaves every
-        # dot product (and so the result) unchanged, and replaces the unfused path (2.8x slower at 256x256)
-        qk_dim, v_dim = q.shape[-1], v.shape[-1]
-        if qk_dim < v_dim:
-            q, k = F.pad(q, (0, v_dim - qk_dim)), F.pad(k, (0, v_dim - qk_dim))
-        elif v_dim < qk_dim:
-            v = F.pad(v, (0, qk_dim - v_dim))
-        x = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
-        )[..., :v_dim]
+        dropout = self.attn_drop if self.training else 0.0
+        x = _cross_attention(q, k, v, dropout, self.scale)
         x = x.transpose(1, 2).reshape(batch, length, channels)
         return self.proj_drop(self.proj(x))
 
