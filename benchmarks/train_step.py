@@ -47,11 +47,11 @@ def split_name(spec: str) -> tuple[str, str | None]:
     return name, attn or None
 
 
-def timm_model(spec: str, num_classes: int) -> nn.Module:
+def timm_model(spec: str, num_classes: int, in_chans: int = 3) -> nn.Module:
     """The timm-eager reference for ``spec``: timm's own model and, for a ResNet, timm's module in the slot."""
     name, attn = split_name(spec)
     kwargs = {"block_args": {"attn_layer": attn}} if attn else {}
-    return timm.create_model(name, num_classes=num_classes, **kwargs)
+    return timm.create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 
 def step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
@@ -88,15 +88,16 @@ def variants(spec: str, levers: bool) -> dict[str, dict]:
     return chosen
 
 
-def rows_for(spec: str, batch_size: int, img_size: int, repeats: int, optimizer: str, levers: bool) -> list[dict]:
+def rows_for(spec: str, batch_size: int, img_size: int, repeats: int, optimizer: str, levers: bool,
+             in_chans: int = 3) -> list[dict]:
     cpu = torch.device("cpu")
     num_classes = 1000
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(batch_size, 3, img_size, img_size, generator=gen)
+    x = torch.rand(batch_size, in_chans, img_size, img_size, generator=gen)
     y = torch.randint(0, num_classes, (batch_size,), generator=gen)
     name, attn = split_name(spec)
-    reference = timm_model(spec, num_classes).train()  # a chanzoo-only family: its own eager model
-    chanzoo_base = chanzoo.create_model(name, attn=attn, num_classes=num_classes).train()
+    reference = timm_model(spec, num_classes, in_chans).train()  # a chanzoo-only family: its own eager model
+    chanzoo_base = chanzoo.create_model(name, attn=attn, num_classes=num_classes, in_chans=in_chans).train()
     flops = step_flops(reference, x, y)
 
     steps: dict[str, Callable[[], torch.Tensor]] = {}
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                                          "vim2_tiny"])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--in-chans", type=int, default=3, help="input channels (1 for small_cnn on Fashion-MNIST)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     parser.add_argument("--levers", action="store_true", help="also time each lever alone")
@@ -161,7 +163,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     rows = []
     for spec in args.models:
-        rows += rows_for(spec, args.batch_size, args.img_size, args.repeats, args.optimizer, args.levers)
+        rows += rows_for(spec, args.batch_size, args.img_size, args.repeats, args.optimizer, args.levers,
+                         args.in_chans)
     print(f"training step, batch {args.batch_size}, {args.img_size}x{args.img_size}, fp32, {args.optimizer}, "
           f"{machine_name(torch.device('cpu'))}")
     print(format_rows(rows))
