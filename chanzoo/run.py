@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from chanzoo import hub
-from chanzoo.acceleration import prepare_from_config
+from chanzoo.acceleration import prepare_from_config, resolve_precision
 from chanzoo.callbacks import (
     AtomicCheckpointIO,
     CompileTimer,
@@ -184,12 +184,16 @@ def load_weights_report(model_cfg: dict[str, Any], model: nn.Module) -> None:
         hub.report_loaded(model, model_cfg["pretrained_file"])
 
 
-def _trainer(cfg: DictConfig, out_dir: Path, callbacks: list[L.Callback], logger: Any = None) -> L.Trainer:
+def _trainer(cfg: DictConfig, out_dir: Path, callbacks: list[L.Callback], logger: Any = None,
+             task: Optional[L.LightningModule] = None) -> L.Trainer:
     """Lightning's Trainer from the ``trainer`` group; ``deterministic=true`` makes it turn on torch's
-    deterministic algorithms. Progress and model summary come from ``chanzoo.progress.display_callbacks``."""
+    deterministic algorithms; ``precision=auto`` is resolved for the device and ``task``. Progress and model summary
+    come from ``chanzoo.progress.display_callbacks``."""
     drop_lightning_tips()
     return instantiate(
         cfg.trainer,
+        precision=resolve_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator", "auto"),
+                                    task),
         callbacks=callbacks + display_callbacks(cfg.trainer, callbacks, cfg.get("progress_interval", 30)),
         enable_model_summary=False,  # display_callbacks adds the one-line summary if the trainer config asks
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
@@ -259,7 +263,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks += [instantiate(c) for name, c in cfg.callbacks.items() if name != "checkpoint" and c is not None]
     if cfg.get("deterministic"):
         callbacks.append(EpochSeed(cfg.seed))
-    trainer = _trainer(cfg, out_dir, callbacks, instantiate_loggers(cfg.get("logger"), out_dir))
+    trainer = _trainer(cfg, out_dir, callbacks, instantiate_loggers(cfg.get("logger"), out_dir), task)
 
     start = time.perf_counter()
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -318,7 +322,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if checkpoint is not None:
         check_checkpoint_fits(ckpt_path, task, model_cfg, "ckpt_path")
         task.load_state_dict(checkpoint["state_dict"])
-    trainer = _trainer(cfg, out_dir, callbacks=[CompileTimer()], logger=None)
+    trainer = _trainer(cfg, out_dir, callbacks=[CompileTimer()], logger=None, task=task)
     metrics = _metrics_dict(trainer.test(task, datamodule=datamodule))
     payload = {"metrics": metrics, "ckpt_path": ckpt_path, "model": model_cfg["name"], "data": cfg.data.get("name")}
     if cfg.get("eval_channel_subsets"):

@@ -9,10 +9,14 @@ import chanzoo
 from chanzoo.acceleration import (
     CPU_MEASURED_INFERENCE,
     CPU_MEASURED_TRAINING,
+    native_bf16,
     prepare_model,
     repeated_blocks,
+    resolve_precision,
     to_input_format,
 )
+from chanzoo.tasks.classification import ClassificationTask
+from chanzoo.tasks.restoration import RestorationTask
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +71,13 @@ def test_repeated_blocks_of_timm_families() -> None:
 
 def test_auto_follows_the_measured_table() -> None:
     model, applied = prepare_model(_small_cnn(), compile="auto", channels_last="auto", device="cpu")
-    assert "small_cnn" not in CPU_MEASURED_TRAINING
-    assert applied["compile"] == "off" and applied["channels_last"] is False  # not measured: eager, contiguous
+    assert CPU_MEASURED_TRAINING["small_cnn"] == {"channels_last": True, "compile": False}
+    assert applied["compile"] == "off" and applied["channels_last"] is True
+    assert model.stages[0].blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
     assert applied["compile_reason"].startswith("auto") and applied["family"] == "small_cnn"
+    _, applied = prepare_model(_small_cnn(), compile="auto", channels_last="auto", device="cpu", inference=True)
+    assert "small_cnn" not in CPU_MEASURED_INFERENCE
+    assert applied["compile"] == "off" and applied["channels_last"] is False  # not measured: eager, contiguous
     with torch.device("meta"):
         davit = chanzoo.create_model("davit_tiny")
     _, applied = prepare_model(davit, compile="false", channels_last="auto", device="meta")  # not CUDA: the table
@@ -100,3 +108,30 @@ def test_bad_switches_name_the_value(kwargs: dict, match: str) -> None:
     model = kwargs.pop("model", None) or _small_cnn()
     with pytest.raises(ValueError, match=match):
         prepare_model(model, **kwargs)
+
+
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as cpuinfo:
+        return {flag for line in cpuinfo if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer is checked where the run would use the CPU")
+def test_native_bf16_matches_the_cpu_flags() -> None:
+    try:
+        flags = _cpu_flags()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to compare with")
+    assert native_bf16("cpu") == bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_picks_bf16_only_where_native_and_the_task_allows(native: bool, monkeypatch) -> None:
+    monkeypatch.setattr("chanzoo.acceleration.native_bf16", lambda accelerator="auto": native)
+    classifier = ClassificationTask(_small_cnn(), optim={"name": "adamw", "lr": 1e-3}, sched={"name": "cosine"})
+    restorer = RestorationTask(chanzoo.create_model("rgt_s_x2", embed_dim=32, num_heads=2, depth=(2, 2)),
+                               optim={"name": "adamw", "lr": 1e-3}, sched={"name": "cosine"})
+    assert resolve_precision("auto", "cpu", classifier) == ("bf16-mixed" if native else "32-true")
+    assert resolve_precision("auto", "cpu", restorer) == "32-true"  # PSNR-reported tasks stay fp32
+    assert resolve_precision("auto", "cpu") == ("bf16-mixed" if native else "32-true")
+    for given in ("32-true", "bf16-mixed", 16, "16-mixed"):
+        assert resolve_precision(given, "cpu", classifier) == given

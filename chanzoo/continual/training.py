@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
+from chanzoo.acceleration import resolve_precision
 from chanzoo.channel.clr import l2_norm_penalty
 from chanzoo.tasks.classification import ClassificationTask
 
@@ -67,6 +68,8 @@ def fit_task(
     )
     if max_epochs is not None:
         overrides["max_epochs"] = int(max_epochs)
+    overrides["precision"] = resolve_precision(trainer_cfg.get("precision", "32-true"),
+                                               trainer_cfg.get("accelerator", "auto"), learner)
     trainer = instantiate(dict(trainer_cfg), **overrides)
     learner.train()  # Lightning keeps each module's mode; a model last used for predictions is in eval mode
     start = time.perf_counter()

@@ -111,6 +111,10 @@ class RestorationTask(NonFiniteGuardMixin, TimmOptimMixin, L.LightningModule):
             see ``chanzoo.tasks.guard``.
     """
 
+    # trainer.precision=auto keeps fp32 here: the papers train in fp32 and report PSNR to 0.01 dB, which bf16
+    # outputs (8 significant bits) would blur
+    auto_bf16 = False
+
     def __init__(
         self,
         model: nn.Module,
