@@ -32,6 +32,7 @@ from chanzoo.tasks.channel_subsets import run_channel_subsets
 _logger = logging.getLogger(__name__)
 MODEL_CFG_KEY = "chanzoo_model_cfg"
 TASK_CFG_KEY = "chanzoo_task_cfg"
+PRECISION_KEY = "chanzoo_precision"  # the Lightning precision the checkpoint was trained in (eval.py's 'auto')
 
 
 def _plain(cfg: Any) -> Any:
@@ -185,15 +186,18 @@ def load_weights_report(model_cfg: dict[str, Any], model: nn.Module) -> None:
 
 
 def _trainer(cfg: DictConfig, out_dir: Path, callbacks: list[L.Callback], logger: Any = None,
-             task: Optional[L.LightningModule] = None) -> L.Trainer:
+             task: Optional[L.LightningModule] = None, trained_precision: Optional[str] = None) -> L.Trainer:
     """Lightning's Trainer from the ``trainer`` group; ``deterministic=true`` makes it turn on torch's
-    deterministic algorithms; ``precision=auto`` is resolved for the device and ``task``. Progress and model summary
-    come from ``chanzoo.progress.display_callbacks``."""
+    deterministic algorithms; ``precision=auto`` is ``trained_precision`` (a checkpoint's, for evaluation) or else
+    resolved for the device and ``task``. Progress and model summary come from ``chanzoo.progress.display_callbacks``."""
     drop_lightning_tips()
+    precision = cfg.trainer.get("precision", "32-true")
+    if str(precision) == "auto" and trained_precision is not None:
+        _logger.info("trainer.precision=auto: %s (the precision the checkpoint was trained in)", trained_precision)
+        precision = trained_precision
     return instantiate(
         cfg.trainer,
-        precision=resolve_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator", "auto"),
-                                    task),
+        precision=resolve_precision(precision, cfg.trainer.get("accelerator", "auto"), task),
         callbacks=callbacks + display_callbacks(cfg.trainer, callbacks, cfg.get("progress_interval", 30)),
         enable_model_summary=False,  # display_callbacks adds the one-line summary if the trainer config asks
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
@@ -214,7 +218,8 @@ def _metrics_dict(results: list[dict[str, Any]]) -> dict[str, float]:
 
 class _StoreModelConfig(L.Callback):
     """Keeps the model and task configs inside each checkpoint, so ``eval.py ckpt_path=...`` can rebuild the model
-    and score it with its own task (a restoration checkpoint needs no ``task=restoration``)."""
+    and score it with its own task (a restoration checkpoint needs no ``task=restoration``) in the precision it was
+    trained in."""
 
     def __init__(self, model_cfg: dict[str, Any], task_cfg: dict[str, Any]) -> None:
         self.model_cfg = model_cfg
@@ -223,6 +228,7 @@ class _StoreModelConfig(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint[MODEL_CFG_KEY] = self.model_cfg
         checkpoint[TASK_CFG_KEY] = self.task_cfg
+        checkpoint[PRECISION_KEY] = str(trainer.precision)
 
 
 def _task_chosen_on_command_line() -> bool:
@@ -322,7 +328,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if checkpoint is not None:
         check_checkpoint_fits(ckpt_path, task, model_cfg, "ckpt_path")
         task.load_state_dict(checkpoint["state_dict"])
-    trainer = _trainer(cfg, out_dir, callbacks=[CompileTimer()], logger=None, task=task)
+    trained_precision = checkpoint.get(PRECISION_KEY) if checkpoint is not None else None
+    trainer = _trainer(cfg, out_dir, callbacks=[CompileTimer()], logger=None, task=task,
+                       trained_precision=trained_precision)
     metrics = _metrics_dict(trainer.test(task, datamodule=datamodule))
     payload = {"metrics": metrics, "ckpt_path": ckpt_path, "model": model_cfg["name"], "data": cfg.data.get("name")}
     if cfg.get("eval_channel_subsets"):

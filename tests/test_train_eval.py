@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+from chanzoo.acceleration import native_bf16
 from chanzoo.run import build_model
 from support import only_run_dir, run_entry
 
@@ -52,6 +53,11 @@ def test_eval_scores_the_checkpoint_and_writes_json(trained_run):
     trained = json.loads((run_dir / "metrics.json").read_text())
     assert payload["model"] == "small_cnn" and payload["ckpt_path"] == str(best)
     assert payload["metrics"]["test/acc1"] == pytest.approx(trained["test/acc1"], abs=1e-6)
+    # trainer.precision=auto: eval.py scores in the precision the checkpoint was trained in (bf16 where native)
+    trained_in = torch.load(best, map_location="cpu", weights_only=True)["chanzoo_precision"]
+    assert trained_in == ("bf16-mixed" if native_bf16("cpu") else "32-true")
+    assert f"trainer.precision=auto: {trained_in} (the precision the checkpoint was trained in)" in (
+        result.stdout + result.stderr)
 
 
 def test_checkpoint_loads_with_weights_only(trained_run):
