@@ -50,12 +50,17 @@ def native_bf16(accelerator: str = "auto") -> bool:
     return any(check() for check in checks if check is not None)
 
 
-def resolve_precision(precision: Any, accelerator: str = "auto", task: Optional[nn.Module] = None) -> Any:
-    """Lightning's ``precision`` for ``trainer.precision``: 'auto' is 'bf16-mixed' where the device computes bf16
-    natively and the task trains well under autocast (its ``auto_bf16`` attribute, default true), else '32-true';
-    any other value is returned as given."""
+def resolve_precision(precision: Any, accelerator: str = "auto", task: Optional[nn.Module] = None,
+                      trained: Optional[str] = None) -> Any:
+    """Lightning's ``precision`` for ``trainer.precision``: 'auto' is ``trained`` where given (the precision a
+    checkpoint was trained in, for its evaluation), else 'bf16-mixed' where the device computes bf16 natively and
+    the task trains well under autocast (its ``auto_bf16`` attribute, default true), else '32-true'; any other value
+    is returned as given."""
     if str(precision) != "auto":
         return precision
+    if trained is not None:
+        _logger.info("trainer.precision=auto: %s (the precision the checkpoint was trained in)", trained)
+        return trained
     task_ok = bool(getattr(task, "auto_bf16", True))
     native = native_bf16(accelerator)
     chosen = "bf16-mixed" if task_ok and native else "32-true"

@@ -191,13 +191,10 @@ def _trainer(cfg: DictConfig, out_dir: Path, callbacks: list[L.Callback], logger
     deterministic algorithms; ``precision=auto`` is ``trained_precision`` (a checkpoint's, for evaluation) or else
     resolved for the device and ``task``. Progress and model summary come from ``chanzoo.progress.display_callbacks``."""
     drop_lightning_tips()
-    precision = cfg.trainer.get("precision", "32-true")
-    if str(precision) == "auto" and trained_precision is not None:
-        _logger.info("trainer.precision=auto: %s (the precision the checkpoint was trained in)", trained_precision)
-        precision = trained_precision
     return instantiate(
         cfg.trainer,
-        precision=resolve_precision(precision, cfg.trainer.get("accelerator", "auto"), task),
+        precision=resolve_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator", "auto"),
+                                    task, trained_precision),
         callbacks=callbacks + display_callbacks(cfg.trainer, callbacks, cfg.get("progress_interval", 30)),
         enable_model_summary=False,  # display_callbacks adds the one-line summary if the trainer config asks
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
