@@ -55,7 +55,7 @@ def test_eval_scores_the_checkpoint_and_writes_json(trained_run):
     assert payload["metrics"]["test/acc1"] == pytest.approx(trained["test/acc1"], abs=1e-6)
     # trainer.precision=auto: eval.py scores in the precision the checkpoint was trained in (bf16 where native)
     trained_in = torch.load(best, map_location="cpu", weights_only=True)["chanzoo_precision"]
-    assert trained_in == ("bf16-mixed" if native_bf16("cpu") else "32-true")
+    assert trained_in == ("bf16-mixed" if native_bf16() else "32-true")
     assert f"trainer.precision=auto: {trained_in} (the precision the checkpoint was trained in)" in (
         result.stdout + result.stderr)
 
