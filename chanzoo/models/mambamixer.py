@@ -24,14 +24,14 @@ from torch import nn
 from chanzoo.channel.registry import ChannelModuleSpec, get_channel_module
 from chanzoo.hub import generate_default_cfgs
 from chanzoo.ops.cross_scan import NUM_DIRECTIONS, REVERSED, merge_sources, scan_sources
-from chanzoo.ops.selective_scan import selective_scan_directions
+from chanzoo.ops.selective_scan import selective_scan_projected
 
 __all__ = ["ViM2", "SelectiveTokenMixer", "SelectiveChannelMixer", "MambaMixerStage"]
 
 # Under torch.fx tracing the scan and the scan-order ops are single nodes: they check shapes and pick a backend.
 torch.fx.wrap("scan_sources")
 torch.fx.wrap("merge_sources")
-torch.fx.wrap("selective_scan_directions")
+torch.fx.wrap("selective_scan_projected")
 
 
 @torch.fx.wrap  # one node under torch.fx tracing; the check runs whenever the traced graph does
@@ -69,22 +69,12 @@ class _S6Params(nn.Module):
 
     def scan(self, sources: torch.Tensor, reverse: Sequence[bool], outputs: int) -> torch.Tensor:
         """sources (batch, S, inner, L) -> (batch, outputs, inner, L): direction k scans source k // (K / S), backwards
-        where ``reverse[k]``, and its output is added into output k // (K / outputs) (``selective_scan_directions``).
-
-        The projections are one matrix product per source for all its directions, (batch, S, L, K/S x c), so the
-        C++ kernel reads B and C in place from it; the dt bias, softplus and D skip are applied inside the scan.
+        where ``reverse[k]``, and its output is added into output k // (K / outputs) (``selective_scan_projected``:
+        the C++ kernel reads B and C in place from one projection product per source, or, for the channel mixer's
+        two channels, computes the projections itself; the dt bias, softplus and D skip are applied inside the scan).
         """
-        batch, n_sources, inner, length = sources.shape
-        directions = len(reverse)
-        per_source = directions // n_sources
-        weight = self.x_proj_weight.view(n_sources, per_source, -1, inner)  # (S, K/S, c, inner)
-        x_dbl = torch.matmul(sources.transpose(-1, -2), weight.flatten(1, 2).transpose(-1, -2))  # (b, S, L, K/S x c)
-        x_dbl = x_dbl.view(batch, n_sources, length, per_source, -1).transpose(2, 3)  # (b, S, K/S, L, c), a view
-        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dts = torch.matmul(self.dt_projs_weight, dts.flatten(1, 2).transpose(-1, -2))  # (b, K, inner, L)
-        return selective_scan_directions(sources, dts, -torch.exp(self.A_logs.float()), Bs.transpose(-1, -2),
-                                         Cs.transpose(-1, -2), self.Ds.float(), self.dt_projs_bias.reshape(-1).float(),
-                                         reverse, outputs)
+        return selective_scan_projected(sources, self.x_proj_weight, self.dt_projs_weight, -torch.exp(self.A_logs.float()),
+                                        self.Ds.float(), self.dt_projs_bias.reshape(-1).float(), reverse, outputs)
 
 
 class SelectiveTokenMixer(nn.Module):

@@ -41,14 +41,17 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ["selective_scan", "selective_scan_directions", "selective_scan_ref", "available_backends", "BACKENDS"]
+__all__ = ["selective_scan", "selective_scan_directions", "selective_scan_projected", "selective_scan_ref",
+           "available_backends", "BACKENDS"]
 
 _logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "reference", "eager", "cpp", "mamba_ssm")
 _CSRC = Path(__file__).parent / "csrc" / "selective_scan.cpp"
 _CPP_CHUNK = 64  # steps per saved state in the C++ forward (the backward recomputes one chunk at a time)
+_PROJ_MAX_INNER = 8  # selective_scan_projected computes the projections in the kernel up to this many channels
 # Eager path: steps per chunk (a block's chunks are scanned all at once) and per block (it holds (batch, dim, block, N)
 # tensors at most). 32 x 128 is within 10% of the fastest choice on this 2-core CPU when it is quiet, and at the
 # ViM2-T stage-1 size keeps the per-step slabs under torch's parallel grain size, so the scans' ~190 small ops per
@@ -317,6 +320,9 @@ def _build_library() -> ctypes.CDLL:
     i64, fp = ctypes.c_int64, ctypes.c_void_p
     lib.chanzoo_scan_fwd.argtypes = [fp] * 9 + [i64] * 20 + [ctypes.c_int] * 2
     lib.chanzoo_scan_bwd.argtypes = [fp] * 16 + [i64] * 20 + [ctypes.c_int, i64, ctypes.c_int]
+    lib.chanzoo_scan_proj_fwd.argtypes = [fp] * 8 + [i64] * 13 + [ctypes.c_int] * 2
+    lib.chanzoo_scan_proj_bwd.argtypes = [fp] * 14 + [i64] * 13 + [ctypes.c_int] * 2
+    lib.chanzoo_scan_proj_available.restype = ctypes.c_int
     return lib
 
 
@@ -426,6 +432,94 @@ def _cpp_backward(ctx, dy, dhs):
 
 
 _cpp_fwd.register_autograd(_cpp_backward, setup_context=_cpp_setup_context)
+
+
+# The scan with its input projections computed inside the kernel (``selective_scan_projected``).
+
+
+@torch.library.custom_op("chanzoo::selective_scan_proj_fwd", mutates_args=(), device_types="cpu")
+def _cpp_proj_fwd(u: torch.Tensor, WT: torch.Tensor, dtw: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
+                  delta_bias: torch.Tensor, outputs: int, reverse: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """y (b, outputs, inner, L) and the chunk-start states of ``selective_scan_projected``; WT (K, inner, R + 2N) is
+    x_proj's weight transposed, dtw (K, inner, R) dt_proj's."""
+    lib = _cpp_library()
+    batch, sources, inner, length = u.shape
+    directions, n_state, rank = WT.shape[0], A.shape[1], dtw.shape[2]
+    u = _last_contiguous(u)
+    WT, dtw, A, D, delta_bias = (t.contiguous() for t in (WT, dtw, A, D, delta_bias))
+    y = u.new_empty(batch, outputs, inner, length)
+    hs = u.new_empty(batch, directions * inner, -(-length // chunk), n_state)
+    lib.chanzoo_scan_proj_fwd(_ptr(u), _ptr(WT), _ptr(dtw), _ptr(A), _ptr(D), _ptr(delta_bias), _ptr(y), _ptr(hs),
+                              batch, directions, sources, outputs, inner, length, n_state, rank, *_strides(u), chunk,
+                              reverse, 1, torch.get_num_threads())
+    return y, hs
+
+
+@_cpp_proj_fwd.register_fake
+def _(u, WT, dtw, A, D, delta_bias, outputs, reverse, chunk):
+    batch, _, inner, length = u.shape
+    return (u.new_empty(batch, outputs, inner, length),
+            u.new_empty(batch, WT.shape[0] * inner, -(-length // chunk), A.shape[1]))
+
+
+@torch.library.custom_op("chanzoo::selective_scan_proj_bwd", mutates_args=(), device_types="cpu")
+def _cpp_proj_bwd(u: torch.Tensor, WT: torch.Tensor, dtw: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
+                  delta_bias: torch.Tensor, hs: torch.Tensor, dy: torch.Tensor, reverse: int,
+                  chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                       torch.Tensor]:
+    """Gradients (du, dWT, ddtw, dA, dD, ddelta_bias) of ``_cpp_proj_fwd``."""
+    lib = _cpp_library()
+    batch, sources, inner, length = u.shape
+    directions, n_state, rank, width = WT.shape[0], A.shape[1], dtw.shape[2], WT.shape[2]
+    u = _last_contiguous(u)
+    WT, dtw, A, D, delta_bias, hs, dy = (t.contiguous() for t in (WT, dtw, A, D, delta_bias, hs, dy))
+    du = u.new_empty(batch, directions, inner, length)
+    dWT, ddtw = u.new_empty(batch, directions, inner, width), u.new_empty(batch, directions, inner, rank)
+    dA = u.new_empty(batch, directions * inner, n_state)
+    dD, dbias = u.new_empty(batch, directions * inner), u.new_empty(batch, directions * inner)
+    lib.chanzoo_scan_proj_bwd(_ptr(u), _ptr(WT), _ptr(dtw), _ptr(A), _ptr(D), _ptr(delta_bias), _ptr(hs), _ptr(dy),
+                              _ptr(du), _ptr(dWT), _ptr(ddtw), _ptr(dA), _ptr(dD), _ptr(dbias), batch, directions,
+                              sources, dy.shape[1], inner, length, n_state, rank, *_strides(u), chunk, reverse, 1,
+                              torch.get_num_threads())
+    du = du.view(batch, sources, directions // sources, inner, length).sum(2)
+    return du, dWT.sum(0), ddtw.sum(0), dA.sum(0), dD.sum(0), dbias.sum(0)
+
+
+@_cpp_proj_bwd.register_fake
+def _(u, WT, dtw, A, D, delta_bias, hs, dy, reverse, chunk):
+    return (u.new_empty(u.shape), torch.empty_like(WT), torch.empty_like(dtw), torch.empty_like(A),
+            torch.empty_like(D), torch.empty_like(delta_bias))
+
+
+def _cpp_proj_setup_context(ctx, inputs, output) -> None:
+    u, WT, dtw, A, D, delta_bias, outputs, reverse, chunk = inputs
+    ctx.save_for_backward(u, WT, dtw, A, D, delta_bias, output[1])
+    ctx.reverse, ctx.chunk = reverse, chunk
+
+
+def _cpp_proj_backward(ctx, dy, dhs):
+    u, WT, dtw, A, D, delta_bias, hs = ctx.saved_tensors
+    return (*_cpp_proj_bwd(u, WT, dtw, A, D, delta_bias, hs, dy, ctx.reverse, ctx.chunk), None, None, None)
+
+
+_cpp_proj_fwd.register_autograd(_cpp_proj_backward, setup_context=_cpp_proj_setup_context)
+
+
+def _proj_flops(u_shape, WT_shape, dtw_shape) -> int:
+    """The products the kernel does in place of x_proj and dt_proj: 2 b K L inner (R + 2N + R)."""
+    batch, _, inner, length = u_shape
+    directions, _, width = WT_shape
+    return 2 * batch * directions * length * inner * (width + dtw_shape[2])
+
+
+@register_flop_formula(torch.ops.chanzoo.selective_scan_proj_fwd)
+def _(u_shape, WT_shape, dtw_shape, *args, **kwargs) -> int:
+    return _proj_flops(u_shape, WT_shape, dtw_shape)
+
+
+@register_flop_formula(torch.ops.chanzoo.selective_scan_proj_bwd)
+def _(u_shape, WT_shape, dtw_shape, *args, **kwargs) -> int:
+    return 2 * _proj_flops(u_shape, WT_shape, dtw_shape)  # the input and the weight gradients
 
 
 def _scan_cpp(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -590,3 +684,49 @@ def selective_scan_directions(
                        delta_bias=delta_bias, delta_softplus=True, backend=path)
     y = ordered(y.view(batch, directions, inner, length))
     return y.view(batch, outputs, directions // outputs, inner, length).sum(2)
+
+
+def selective_scan_projected(
+    u: torch.Tensor,
+    x_proj_weight: torch.Tensor,
+    dt_proj_weight: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor,
+    delta_bias: torch.Tensor,
+    reverse: Sequence[bool],
+    outputs: int,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``selective_scan_directions`` with Mamba's input projections: each direction's dt, B and C come from its source.
+
+    u: (batch, S, inner, L); x_proj_weight: (K, R + 2N, inner), direction k's x_p = W_k u_p split into dt (R), B, C
+    (N each); dt_proj_weight: (K, inner, R), delta = dt_proj_weight[k] dt; A, D, delta_bias as in
+    ``selective_scan_directions``. With few channels per direction (inner <= 8, N = 16) the C++ kernel computes the
+    projections per step itself (forward and backward), instead of products whose (batch, K, L, R + 2N) output is
+    larger than everything else the layer touches; otherwise, and on other backends, the projections are matrix
+    products and the scan is ``selective_scan_directions``. Returns (batch, outputs, inner, L).
+    """
+    batch, sources, inner, length = u.shape
+    directions, width, _ = x_proj_weight.shape
+    n_state, rank = A.shape[-1], dt_proj_weight.shape[-1]
+    if width != rank + 2 * n_state or dt_proj_weight.shape != (directions, inner, rank):
+        raise ValueError(
+            f"selective_scan_projected: x_proj_weight {tuple(x_proj_weight.shape)} must be (K, R + 2N, inner) and "
+            f"dt_proj_weight {tuple(dt_proj_weight.shape)} (K, inner, R), with N = {n_state} (A's last axis)"
+        )
+    path = _resolve(backend, u)
+    fused = (path == "cpp" and n_state == 16 and inner <= _PROJ_MAX_INNER and len(reverse) == directions
+             and (u.is_meta or _cpp_library().chanzoo_scan_proj_available()))
+    if fused:
+        mask = sum(1 << k for k, flag in enumerate(reverse) if flag)
+        y, _ = _cpp_proj_fwd(u.float(), x_proj_weight.float().transpose(1, 2), dt_proj_weight.float(), A.float(),
+                             D.float(), delta_bias.float(), outputs, mask, _CPP_CHUNK)
+        return y.to(u.dtype)
+    per_source = directions // sources
+    weight = x_proj_weight.view(sources, per_source, width, inner)
+    x_dbl = torch.matmul(u.transpose(-1, -2), weight.flatten(1, 2).transpose(-1, -2))  # (b, S, L, K/S x c)
+    x_dbl = x_dbl.view(batch, sources, length, per_source, width).transpose(2, 3)  # (b, S, K/S, L, c), a view
+    dts, Bs, Cs = torch.split(x_dbl, [rank, n_state, n_state], dim=-1)
+    dts = torch.matmul(dt_proj_weight, dts.flatten(1, 2).transpose(-1, -2))  # (b, K, inner, L)
+    return selective_scan_directions(u, dts, A, Bs.transpose(-1, -2), Cs.transpose(-1, -2), D, delta_bias, reverse,
+                                     outputs, backend=backend)

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from chanzoo.ops import selective_scan as ss
-from chanzoo.ops.selective_scan import available_backends, selective_scan, selective_scan_directions, selective_scan_ref
+from chanzoo.ops.selective_scan import (
+    available_backends,
+    selective_scan,
+    selective_scan_directions,
+    selective_scan_projected,
+    selective_scan_ref,
+)
 
 FAST = [b for b in ("eager", "cpp") if b in available_backends()]
 INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -204,3 +210,66 @@ def test_directional_scan_checks_the_direction_count():
     with pytest.raises(ValueError, match=r"B must have shape \(1, 2, 1, 4, 5\)"):
         selective_scan_directions(u, delta[:, :2], torch.zeros(6, 4), torch.zeros(1, 2, 4, 5), torch.zeros(1, 2, 1, 4, 5),
                                   torch.zeros(6), torch.zeros(6), reverse=(False, True), outputs=1)
+
+
+# (batch, sources, directions, outputs, inner, length, reverse, dt rank): ViM2's channel mixer (inner 2, fused in the
+# C++ kernel), a token-mixer-like case with few channels (fused) and one with more channels than the kernel fuses.
+PROJECTED = [(3, 2, 2, 1, 2, 70, (False, True), 1), (2, 2, 4, 2, 3, 130, (False, True, False, True), 2),
+             (2, 1, 1, 1, 1, 5, (True,), 1), (1, 2, 4, 2, 10, 40, (False, True, False, True), 3)]
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("case", PROJECTED)
+def test_projected_scan_matches_projections_then_reference(backend, case):
+    """The kernel's in-place projections (forward and backward) equal matrix products followed by the reference scan,
+    in the output and in the gradients of u, both weights, A, D and the dt bias."""
+    batch, sources, directions, outputs, inner, length, reverse, rank = case
+    g = torch.Generator().manual_seed(inner)
+    inputs = {
+        "u": torch.randn(batch, sources, inner, length, generator=g),
+        "x_proj_weight": torch.randn(directions, rank + 32, inner, generator=g) * 0.5,
+        "dt_proj_weight": torch.randn(directions, inner, rank, generator=g),
+        "A": -torch.rand(directions * inner, 16, generator=g) * 4,
+        "D": torch.randn(directions * inner, generator=g),
+        "delta_bias": torch.randn(directions * inner, generator=g),
+    }
+    inputs = {k: v.requires_grad_() for k, v in inputs.items()}
+
+    def run(name: str) -> list[torch.Tensor]:
+        for v in inputs.values():
+            v.grad = None
+        y = selective_scan_projected(**inputs, reverse=reverse, outputs=outputs, backend=name)
+        weight = torch.cos(torch.arange(y.numel(), dtype=torch.float32)).view_as(y)
+        (y * weight).sum().backward()
+        return [y.detach()] + [v.grad.clone() for v in inputs.values()]
+
+    ref, got = run("reference"), run(backend)
+    assert got[0].shape == (batch, outputs, inner, length)
+    for name, x, r in zip(["out", *inputs], got, ref):
+        assert rel_err(x, r) <= 1e-5, f"{backend} {name}: relative error {rel_err(x, r):.2e}"
+
+
+def test_projected_scan_fuses_few_channels_only():
+    """With the C++ kernel, inner <= 8 runs as the fused op (no projection products); more channels use matrix
+    products and the directional scan. FlopCounterMode counts the same products either way."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if "cpp" not in FAST or not ss._cpp_library().chanzoo_scan_proj_available():
+        pytest.skip("the fused kernel needs the C++ build with AVX-512 (this CPU or compiler has none)")
+    for inner, fused in ((2, True), (10, False)):
+        u = torch.randn(2, 2, inner, 20)
+        args = (torch.randn(2, 33, inner), torch.randn(2, inner, 1), -torch.rand(2 * inner, 16),
+                torch.randn(2 * inner), torch.randn(2 * inner))
+        counter = FlopCounterMode(display=False)
+        with counter:
+            selective_scan_projected(u, *args, reverse=(False, True), outputs=1)
+        ops = {str(op) for op in counter.get_flop_counts()["Global"]}
+        assert ("chanzoo.selective_scan_proj_fwd" in ops) == fused, ops
+        assert counter.get_total_flops() == 2 * 2 * 2 * 20 * inner * (33 + 1)
+
+
+def test_projected_scan_names_bad_weight_shapes():
+    u = torch.zeros(1, 2, 2, 5)
+    with pytest.raises(ValueError, match=r"x_proj_weight \(2, 30, 2\) must be \(K, R \+ 2N, inner\)"):
+        selective_scan_projected(u, torch.zeros(2, 30, 2), torch.zeros(2, 2, 1), torch.zeros(4, 16), torch.zeros(4),
+                                 torch.zeros(4), reverse=(False, True), outputs=1)

@@ -20,6 +20,9 @@
 #include <cstring>
 #include <vector>
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -36,6 +39,181 @@ inline void transform_delta(float raw, float bias, int softplus, float* dt, floa
   }
 }
 
+#if defined(__AVX512F__)
+// delta' for the L positions of one channel at once (a loop the compiler vectorises, exp and log1p included).
+void transform_deltas(const float* raw, float bias, int softplus, int64_t L, float* dt) {
+  if (!softplus) {
+#pragma omp simd
+    for (int64_t p = 0; p < L; ++p) dt[p] = raw[p] + bias;
+    return;
+  }
+#pragma omp simd
+  for (int64_t p = 0; p < L; ++p) {
+    const float x = raw[p] + bias;
+    dt[p] = x > 20.0f ? x : std::log1p(std::exp(std::min(x, 20.0f)));
+  }
+}
+
+constexpr int64_t kLanes = 16;  // N = 16 states are one AVX-512 register
+
+// exp(x) for 16 floats: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by Cephes' degree-7 polynomial, times 2^n by
+// scalef (which also flushes very negative arguments to 0). Relative error ~1e-7.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Lane j of the result is the sum of the 16 lanes of v[j] (a transpose-and-add tree: 56 instructions for 16 sums).
+inline __m512 sum_lanes16(const __m512* v) {
+  __m512 w[8], x[4];
+  for (int i = 0; i < 8; ++i)
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
+  // x[i], 128-bit unit q: four partial sums of v[4i + q].
+  const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(x[0], x[1]), _mm512_unpackhi_ps(x[0], x[1]));
+  const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(x[2], x[3]), _mm512_unpackhi_ps(x[2], x[3]));
+  const __m512d s01d = _mm512_castps_pd(s01), s23d = _mm512_castps_pd(s23);
+  const __m512 r = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(s01d, s23d)),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(s01d, s23d)));
+  // r lane 4q + i holds the sum of v[4i + q].
+  const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(idx, r);
+}
+
+// One channel's forward scan with N = 16: h in a register, outputs reduced 16 steps at a time. dt holds delta' by
+// position; writes (or adds, when !first) y_p = C_p . h_p + skip u_p; saves the state before every chunk start
+// (chunk a multiple of 16).
+inline void scan_channel16(const float* up, const float* dt, const float* a, const float* Bp, int64_t bst,
+                           const float* Cp, int64_t cst, float skip, bool rev, bool first, int64_t L, int64_t chunk,
+                           float* hsp, float* yp) {
+  const __m512 av = _mm512_loadu_ps(a);
+  __m512 h = _mm512_setzero_ps();
+  __m512 tile[kLanes];
+  alignas(64) float sums[kLanes];
+  for (int64_t t0 = 0; t0 < L; t0 += kLanes) {
+    if (t0 % chunk == 0) _mm512_storeu_ps(hsp + (t0 / chunk) * kLanes, h);
+    const int64_t nb = std::min(kLanes, L - t0);
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t p = rev ? L - 1 - (t0 + j) : t0 + j;
+      const __m512 dtv = _mm512_set1_ps(dt[p]);
+      const __m512 drive = _mm512_mul_ps(_mm512_set1_ps(dt[p] * up[p]), _mm512_loadu_ps(Bp + p * bst));
+      h = _mm512_fmadd_ps(exp16(_mm512_mul_ps(dtv, av)), h, drive);
+      tile[j] = _mm512_mul_ps(h, _mm512_loadu_ps(Cp + p * cst));
+    }
+    for (int64_t j = nb; j < kLanes; ++j) tile[j] = _mm512_setzero_ps();
+    _mm512_store_ps(sums, sum_lanes16(tile));
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t p = rev ? L - 1 - (t0 + j) : t0 + j;
+      const float out = sums[j] + skip * up[p];
+      yp[p] = first ? out : yp[p] + out;
+    }
+  }
+}
+
+// delta' and d delta'/d delta for one channel's L positions (vectorised).
+void transform_deltas_grad(const float* raw, float bias, int softplus, int64_t L, float* dt, float* ddt) {
+  if (!softplus) {
+#pragma omp simd
+    for (int64_t p = 0; p < L; ++p) dt[p] = raw[p] + bias, ddt[p] = 1.0f;
+    return;
+  }
+#pragma omp simd
+  for (int64_t p = 0; p < L; ++p) {
+    const float x = raw[p] + bias;
+    const float e = std::exp(std::min(x, 20.0f));
+    dt[p] = x > 20.0f ? x : std::log1p(e);
+    ddt[p] = x > 20.0f ? 1.0f : e / (1.0f + e);
+  }
+}
+
+// Scratch of one thread for scan_channel16_bwd: the chunk's states and decays, and delta' with its derivative.
+struct Bwd16Scratch {
+  std::vector<float> states, decays, dt, ddt;
+  Bwd16Scratch(int64_t chunk, int64_t L) : states((chunk + 1) * kLanes), decays(chunk * kLanes), dt(L), ddt(L) {}
+};
+
+// One channel's backward with N = 16 (see chanzoo_scan_bwd): recomputes each chunk's states from the saved one,
+// then runs the reverse scan 16 steps at a time, reducing the per-step sums over the states for 16 steps at once.
+// Adds into dBp, dCp (this channel's direction's rows); writes du, ddelta; returns the dA, dD, dbias sums.
+inline void scan_channel16_bwd(const float* up, const float* dp, const float* a, const float* Bp, int64_t bst,
+                               const float* Cp, int64_t cst, const float* hsp, const float* dyp, float skip,
+                               float db, int softplus, bool rev, int64_t L, int64_t chunk, float* dBp, float* dCp,
+                               int64_t dst, float* dup, float* ddp, float* dAp, float* dD_out, float* dbias_out,
+                               Bwd16Scratch& scratch) {
+  float* dt = scratch.dt.data();
+  float* ddt = scratch.ddt.data();
+  transform_deltas_grad(dp, db, softplus, L, dt, ddt);
+  const __m512 av = _mm512_loadu_ps(a);
+  __m512 carry = _mm512_setzero_ps(), dA = _mm512_setzero_ps();
+  __m512 tile_u[kLanes], tile_dt[kLanes];
+  alignas(64) float sum_u[kLanes], sum_dt[kLanes];
+  float dD_acc = 0.0f, dbias_acc = 0.0f;
+  const int64_t n_chunks = (L + chunk - 1) / chunk;
+  for (int64_t c = n_chunks - 1; c >= 0; --c) {
+    const int64_t t0 = c * chunk, t1 = std::min(t0 + chunk, L);
+    float* states = scratch.states.data();
+    float* decays = scratch.decays.data();
+    __m512 h = _mm512_loadu_ps(hsp + c * kLanes);
+    _mm512_storeu_ps(states, h);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t p = rev ? L - 1 - t : t, k = t - t0;
+      const __m512 e = exp16(_mm512_mul_ps(_mm512_set1_ps(dt[p]), av));
+      h = _mm512_fmadd_ps(e, h, _mm512_mul_ps(_mm512_set1_ps(dt[p] * up[p]), _mm512_loadu_ps(Bp + p * bst)));
+      _mm512_storeu_ps(decays + k * kLanes, e);
+      _mm512_storeu_ps(states + (k + 1) * kLanes, h);
+    }
+    // Reverse pass over the chunk, in groups of up to 16 steps ending at t_end - 1.
+    for (int64_t t_end = t1; t_end > t0; t_end -= kLanes) {
+      const int64_t nb = std::min(kLanes, t_end - t0);
+      for (int64_t j = 0; j < nb; ++j) {
+        const int64_t t = t_end - 1 - j, p = rev ? L - 1 - t : t, k = t - t0;
+        const __m512 dyv = _mm512_set1_ps(dyp[p]), uv = _mm512_set1_ps(up[p]);
+        const __m512 Bv = _mm512_loadu_ps(Bp + p * bst);
+        const __m512 g = _mm512_fmadd_ps(dyv, _mm512_loadu_ps(Cp + p * cst), carry);
+        const __m512 e = _mm512_loadu_ps(decays + k * kLanes);
+        const __m512 eh = _mm512_mul_ps(e, _mm512_loadu_ps(states + k * kLanes));
+        float* dCt = dCp + p * dst;
+        float* dBt = dBp + p * dst;
+        _mm512_storeu_ps(dCt, _mm512_fmadd_ps(dyv, _mm512_loadu_ps(states + (k + 1) * kLanes), _mm512_loadu_ps(dCt)));
+        _mm512_storeu_ps(dBt, _mm512_fmadd_ps(g, _mm512_set1_ps(dt[p] * up[p]), _mm512_loadu_ps(dBt)));
+        tile_u[j] = _mm512_mul_ps(g, Bv);
+        tile_dt[j] = _mm512_mul_ps(g, _mm512_fmadd_ps(uv, Bv, _mm512_mul_ps(av, eh)));
+        dA = _mm512_fmadd_ps(_mm512_mul_ps(g, _mm512_set1_ps(dt[p])), eh, dA);
+        carry = _mm512_mul_ps(e, g);
+      }
+      for (int64_t j = nb; j < kLanes; ++j) tile_u[j] = tile_dt[j] = _mm512_setzero_ps();
+      _mm512_store_ps(sum_u, sum_lanes16(tile_u));
+      _mm512_store_ps(sum_dt, sum_lanes16(tile_dt));
+      for (int64_t j = 0; j < nb; ++j) {
+        const int64_t t = t_end - 1 - j, p = rev ? L - 1 - t : t;
+        dup[p] = sum_u[j] * dt[p] + skip * dyp[p];
+        const float ddraw = sum_dt[j] * ddt[p];
+        ddp[p] = ddraw;
+        dbias_acc += ddraw;
+        dD_acc += dyp[p] * up[p];
+      }
+    }
+  }
+  _mm512_storeu_ps(dAp, dA);
+  *dD_out = dD_acc;
+  *dbias_out = dbias_acc;
+}
+#endif
+
 }  // namespace
 
 extern "C" {
@@ -51,7 +229,7 @@ void chanzoo_scan_fwd(const float* u, const float* delta, const float* A, const 
   for (int64_t item = 0; item < batch * O * inner; ++item) {
     const int64_t b = item / (O * inner), o = (item / inner) % O, i = item % inner;
     float* yp = y + item * L;
-    std::vector<float> h(N);
+    std::vector<float> h(N), dts(L);
     for (int64_t k = o * per_out; k < (o + 1) * per_out; ++k) {
       const int64_t d = k * inner + i, bd = b * dim + d;
       const bool rev = (reverse >> k) & 1, first = (k == o * per_out);
@@ -62,6 +240,13 @@ void chanzoo_scan_fwd(const float* u, const float* delta, const float* A, const 
       const float* a = A + d * N;
       const float skip = Dv ? Dv[d] : 0.0f, db = bias ? bias[d] : 0.0f;
       float* hsp = hs + bd * n_chunks * N;
+#if defined(__AVX512F__)
+      if (N == kLanes && chunk % kLanes == 0) {
+        transform_deltas(dp, db, softplus, L, dts.data());
+        scan_channel16(up, dts.data(), a, Bp, bst, Cp, cst, skip, rev, first, L, chunk, hsp, yp);
+        continue;
+      }
+#endif
       for (int64_t n = 0; n < N; ++n) h[n] = 0.0f;
       for (int64_t t = 0; t < L; ++t) {
         const int64_t p = rev ? L - 1 - t : t;
@@ -108,6 +293,10 @@ void chanzoo_scan_bwd(const float* u, const float* delta, const float* A, const 
 #pragma omp parallel num_threads(nthreads)
   {
     std::vector<float> hprev((chunk + 1) * N), decay(chunk * N), dts(chunk), ddts(chunk), carry(N), dA_acc(N);
+#if defined(__AVX512F__)
+    const bool fast = N == kLanes && chunk % kLanes == 0;
+    Bwd16Scratch scratch(fast ? chunk : 0, fast ? L : 0);
+#endif
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t s = item / (batch * K), b = (item / K) % batch, k = item % K;
@@ -128,6 +317,13 @@ void chanzoo_scan_bwd(const float* u, const float* delta, const float* A, const 
         const float skip = Dv ? Dv[d] : 0.0f, db = bias ? bias[d] : 0.0f;
         float* dup = du + bd * L;
         float* ddp = ddelta + bd * L;
+#if defined(__AVX512F__)
+        if (fast) {
+          scan_channel16_bwd(up, dp, a, Bp, bst, Cp, cst, hs + bd * n_chunks * N, dyp, skip, db, softplus, rev, L,
+                             chunk, dBp, dCp, N, dup, ddp, dA_part + bd * N, dD_part + bd, dbias_part + bd, scratch);
+          continue;
+        }
+#endif
         float dD_acc = 0.0f, dbias_acc = 0.0f;
         for (int64_t n = 0; n < N; ++n) carry[n] = 0.0f, dA_acc[n] = 0.0f;
         for (int64_t c = n_chunks - 1; c >= 0; --c) {
@@ -188,6 +384,147 @@ void chanzoo_scan_bwd(const float* u, const float* delta, const float* A, const 
       }
     }
   }
+}
+
+
+// ---------------------------------------------------------------------------------------------------------------
+// The scan with its input projections inside (for few channels per direction, as in ViM2's channel mixer, where the
+// projections are products of (L x inner) by (inner x c) with inner = 2 that BLAS runs far below its rate and whose
+// (batch, K, L, c) output is larger than everything else the layer touches). Per (batch item, direction) the kernel
+// projects the L steps into a local buffer x (L, c), c = R + 2N: x_p = W_k u_p, split into dt (R), B (N) and C (N);
+// channel i's raw delta is dtw_k[i] . dt_p. Layouts: u (batch, S, inner, L) by strides as above; WT (K, inner, c)
+// (x_proj's weight transposed); dtw (K, inner, R); A, D, bias, y, hs as above. Only N = 16 with AVX-512: the caller
+// asks chanzoo_scan_proj_available() first.
+
+int chanzoo_scan_proj_available() {
+#if defined(__AVX512F__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+#if defined(__AVX512F__)
+namespace {
+
+// x (L, c) = the projections of direction k's source; raw (inner, L) = the raw deltas of its channels.
+void project_steps(const float* u0, int64_t usc, const float* WT, const float* dtw, int64_t inner, int64_t L,
+                   int64_t c, int64_t R, float* x, float* raw) {
+  for (int64_t p = 0; p < L; ++p) {
+    float* xp = x + p * c;
+#pragma omp simd
+    for (int64_t j = 0; j < c; ++j) xp[j] = 0.0f;
+    for (int64_t i = 0; i < inner; ++i) {
+      const float ui = u0[i * usc + p];
+      const float* w = WT + i * c;
+#pragma omp simd
+      for (int64_t j = 0; j < c; ++j) xp[j] += w[j] * ui;
+    }
+    for (int64_t i = 0; i < inner; ++i) {
+      float acc = 0.0f;
+      for (int64_t r = 0; r < R; ++r) acc += dtw[i * R + r] * xp[r];
+      raw[i * L + p] = acc;
+    }
+  }
+}
+
+}  // namespace
+#endif
+
+void chanzoo_scan_proj_fwd(const float* u, const float* WT, const float* dtw, const float* A, const float* Dv,
+                           const float* bias, float* y, float* hs, int64_t batch, int64_t K, int64_t S, int64_t O,
+                           int64_t inner, int64_t L, int64_t N, int64_t R, int64_t usb, int64_t uss, int64_t usc,
+                           int64_t chunk, int64_t reverse, int softplus, int nthreads) {
+#if defined(__AVX512F__)
+  const int64_t n_chunks = (L + chunk - 1) / chunk, c = R + 2 * N;
+  const int64_t dim = K * inner, per_out = K / O, per_src = K / S;
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<float> x(L * c), raw(inner * L), dts(L);
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < batch * O; ++item) {
+      const int64_t b = item / O, o = item % O;
+      for (int64_t k = o * per_out; k < (o + 1) * per_out; ++k) {
+        const bool rev = (reverse >> k) & 1, first = (k == o * per_out);
+        const float* u0 = u + b * usb + (k / per_src) * uss;
+        project_steps(u0, usc, WT + k * inner * c, dtw + k * inner * R, inner, L, c, R, x.data(), raw.data());
+        for (int64_t i = 0; i < inner; ++i) {
+          const int64_t d = k * inner + i, bd = b * dim + d;
+          transform_deltas(raw.data() + i * L, bias ? bias[d] : 0.0f, softplus, L, dts.data());
+          scan_channel16(u0 + i * usc, dts.data(), A + d * N, x.data() + R, c, x.data() + R + N, c,
+                         Dv ? Dv[d] : 0.0f, rev, first, L, chunk, hs + bd * n_chunks * N,
+                         y + ((b * O + o) * inner + i) * L);
+        }
+      }
+    }
+  }
+#endif
+}
+
+// Gradients of chanzoo_scan_proj_fwd. One work item per (batch item, direction): it recomputes the projections,
+// runs each channel's reverse scan into local dB, dC rows and then goes back through the projections. du is per
+// direction, (batch, K, inner, L) (the caller sums the directions that share a source); dWT_part (batch, K, inner, c),
+// dtw_part (batch, K, inner, R), dA_part (batch, dim, N), dD_part and dbias_part (batch, dim) are per batch item,
+// for the caller to sum.
+void chanzoo_scan_proj_bwd(const float* u, const float* WT, const float* dtw, const float* A, const float* Dv,
+                           const float* bias, const float* hs, const float* dy, float* du, float* dWT_part,
+                           float* dtw_part, float* dA_part, float* dD_part, float* dbias_part, int64_t batch,
+                           int64_t K, int64_t S, int64_t O, int64_t inner, int64_t L, int64_t N, int64_t R,
+                           int64_t usb, int64_t uss, int64_t usc, int64_t chunk, int64_t reverse, int softplus,
+                           int nthreads) {
+#if defined(__AVX512F__)
+  const int64_t n_chunks = (L + chunk - 1) / chunk, c = R + 2 * N;
+  const int64_t dim = K * inner, per_out = K / O, per_src = K / S;
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<float> x(L * c), raw(inner * L), dx(L * c), ddraw(inner * L);
+    Bwd16Scratch scratch(chunk, L);
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < batch * K; ++item) {
+      const int64_t b = item / K, k = item % K;
+      const bool rev = (reverse >> k) & 1;
+      const float* u0 = u + b * usb + (k / per_src) * uss;
+      const float* W = WT + k * inner * c;
+      const float* dw = dtw + k * inner * R;
+      project_steps(u0, usc, W, dw, inner, L, c, R, x.data(), raw.data());
+      std::fill(dx.begin(), dx.end(), 0.0f);
+      float* du0 = du + item * inner * L;
+      for (int64_t i = 0; i < inner; ++i) {
+        const int64_t d = k * inner + i, bd = b * dim + d;
+        scan_channel16_bwd(u0 + i * usc, raw.data() + i * L, A + d * N, x.data() + R, c, x.data() + R + N, c,
+                           hs + bd * n_chunks * N, dy + ((b * O + k / per_out) * inner + i) * L, Dv ? Dv[d] : 0.0f,
+                           bias ? bias[d] : 0.0f, softplus, rev, L, chunk, dx.data() + R, dx.data() + R + N, c,
+                           du0 + i * L, ddraw.data() + i * L, dA_part + bd * N, dD_part + bd, dbias_part + bd,
+                           scratch);
+      }
+      // Back through raw_i = dtw_i . x[:R] and x = W u.
+      float* dW = dWT_part + item * inner * c;
+      float* ddw = dtw_part + item * inner * R;
+      std::fill(dW, dW + inner * c, 0.0f);
+      std::fill(ddw, ddw + inner * R, 0.0f);
+      for (int64_t p = 0; p < L; ++p) {
+        float* dxp = dx.data() + p * c;
+        const float* xp = x.data() + p * c;
+        for (int64_t i = 0; i < inner; ++i) {
+          const float g = ddraw[i * L + p];
+          for (int64_t r = 0; r < R; ++r) dxp[r] += g * dw[i * R + r], ddw[i * R + r] += g * xp[r];
+        }
+        for (int64_t i = 0; i < inner; ++i) {
+          const float ui = u0[i * usc + p];
+          const float* w = W + i * c;
+          float* dWi = dW + i * c;
+          float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t j = 0; j < c; ++j) {
+            dWi[j] += dxp[j] * ui;
+            acc += dxp[j] * w[j];
+          }
+          du0[i * L + p] += acc;
+        }
+      }
+    }
+  }
+#endif
 }
 
 }  // extern "C"
