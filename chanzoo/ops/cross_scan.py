@@ -68,5 +68,6 @@ def merge_sources(y: torch.Tensor, height: int, width: int) -> torch.Tensor:
     batch, sources, channels, length = y.shape
     if sources != 2 or length != height * width:
         raise ValueError(f"merge_sources: expected shape (B, 2, C, {height}*{width}), got {tuple(y.shape)}")
-    cols = y[:, 1].view(batch, channels, width, height).transpose(-1, -2).flip(-1)
-    return y[:, 0].view(batch, channels, height, width) + cols
+    rows, cols = y.unbind(1)  # not y[:, 0], y[:, 1]: each select's backward would zero-fill a tensor of y's size
+    cols = cols.reshape(batch, channels, width, height).transpose(-1, -2).flip(-1)
+    return rows.reshape(batch, channels, height, width) + cols

@@ -349,6 +349,16 @@ def _strides(t: torch.Tensor) -> list[int]:
     return list(t.stride()[:-1])
 
 
+def _sum_per_source(du: torch.Tensor, sources: int, inner: int) -> torch.Tensor:
+    """Input gradients per direction, (batch, K * inner, L) or (batch, K, inner, L) -> per source, (batch, S, inner,
+    L): the sums of the K / S directions that read each source, as plain adds (``sum`` would zero-fill its output)."""
+    per_source = du.view(du.shape[0], sources, -1, inner, du.shape[-1]).unbind(2)
+    total = per_source[0]
+    for part in per_source[1:]:
+        total = total + part
+    return total
+
+
 def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
     """``t`` as given when its last axis is adjacent in memory, else a copy that makes it so."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -407,8 +417,7 @@ def _cpp_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Ten
                          batch, directions, sources, outputs, inner, length, n_state, *_strides(u), *_strides(B),
                          *_strides(C), chunk, reverse, int(softplus), splits, threads)
     dB, dC = ((t[0] if splits == 1 else t.sum(0)).view(B.shape) for t in (dB, dC))
-    du = du.view(batch, sources, directions // sources, inner, length).sum(2)
-    return du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dbias.sum(0)
+    return _sum_per_source(du, sources, inner), ddelta, dA.sum(0), dB, dC, dD.sum(0), dbias.sum(0)
 
 
 @_cpp_bwd.register_fake
@@ -420,6 +429,7 @@ def _(u, delta, A, B, C, D, delta_bias, hs, dy, softplus, reverse, chunk):
 def _cpp_setup_context(ctx, inputs, output) -> None:
     u, delta, A, B, C, D, delta_bias, softplus, outputs, reverse, chunk = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, output[1])
+    ctx.mark_non_differentiable(output[1])  # the saved states: no zero-filled gradient for them in the backward
     ctx.softplus, ctx.reverse, ctx.chunk = softplus, reverse, chunk
 
 
@@ -481,8 +491,7 @@ def _cpp_proj_bwd(u: torch.Tensor, WT: torch.Tensor, dtw: torch.Tensor, A: torch
                               _ptr(du), _ptr(dWT), _ptr(ddtw), _ptr(dA), _ptr(dD), _ptr(dbias), batch, directions,
                               sources, dy.shape[1], inner, length, n_state, rank, *_strides(u), chunk, reverse, 1,
                               torch.get_num_threads())
-    du = du.view(batch, sources, directions // sources, inner, length).sum(2)
-    return du, dWT.sum(0), ddtw.sum(0), dA.sum(0), dD.sum(0), dbias.sum(0)
+    return _sum_per_source(du, sources, inner), dWT.sum(0), ddtw.sum(0), dA.sum(0), dD.sum(0), dbias.sum(0)
 
 
 @_cpp_proj_bwd.register_fake
@@ -494,6 +503,7 @@ def _(u, WT, dtw, A, D, delta_bias, hs, dy, reverse, chunk):
 def _cpp_proj_setup_context(ctx, inputs, output) -> None:
     u, WT, dtw, A, D, delta_bias, outputs, reverse, chunk = inputs
     ctx.save_for_backward(u, WT, dtw, A, D, delta_bias, output[1])
+    ctx.mark_non_differentiable(output[1])
     ctx.reverse, ctx.chunk = reverse, chunk
 
 
