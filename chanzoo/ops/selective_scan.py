@@ -51,7 +51,6 @@ _logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "reference", "eager", "cpp", "mamba_ssm")
 _CSRC = Path(__file__).parent / "csrc" / "selective_scan.cpp"
 _CPP_CHUNK = 64  # steps per saved state in the C++ forward (the backward recomputes one chunk at a time)
-_PROJ_MAX_INNER = 8  # selective_scan_projected computes the projections in the kernel up to this many channels
 # Eager path: steps per chunk (a block's chunks are scanned all at once) and per block (it holds (batch, dim, block, N)
 # tensors at most). 32 x 128 is within 10% of the fastest choice on this 2-core CPU when it is quiet, and at the
 # ViM2-T stage-1 size keeps the per-step slabs under torch's parallel grain size, so the scans' ~190 small ops per
@@ -322,7 +321,7 @@ def _build_library() -> ctypes.CDLL:
     lib.chanzoo_scan_bwd.argtypes = [fp] * 16 + [i64] * 20 + [ctypes.c_int, i64, ctypes.c_int]
     lib.chanzoo_scan_proj_fwd.argtypes = [fp] * 8 + [i64] * 13 + [ctypes.c_int] * 2
     lib.chanzoo_scan_proj_bwd.argtypes = [fp] * 14 + [i64] * 13 + [ctypes.c_int] * 2
-    lib.chanzoo_scan_proj_available.restype = ctypes.c_int
+    lib.chanzoo_scan_proj_max_inner.restype = ctypes.c_int64
     return lib
 
 
@@ -725,8 +724,10 @@ def selective_scan_projected(
             f"dt_proj_weight {tuple(dt_proj_weight.shape)} (K, inner, R), with N = {n_state} (A's last axis)"
         )
     path = _resolve(backend, u)
-    fused = (path == "cpp" and n_state == 16 and inner <= _PROJ_MAX_INNER and len(reverse) == directions
-             and (u.is_meta or _cpp_library().chanzoo_scan_proj_available()))
+    # Meta tensors follow the choice real CPU tensors would get, so FLOP counts per op agree as well as in total.
+    lib = _cpp_library() if path == "cpp" else None
+    fused = (lib is not None and n_state == 16 and len(reverse) == directions
+             and inner <= lib.chanzoo_scan_proj_max_inner())
     if fused:
         mask = sum(1 << k for k, flag in enumerate(reverse) if flag)
         y, _ = _cpp_proj_fwd(u.float(), x_proj_weight.float().transpose(1, 2), dt_proj_weight.float(), A.float(),

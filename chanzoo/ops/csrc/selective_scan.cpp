@@ -387,49 +387,167 @@ void chanzoo_scan_bwd(const float* u, const float* delta, const float* A, const 
 }
 
 
+}  // extern "C"
+
 // ---------------------------------------------------------------------------------------------------------------
 // The scan with its input projections inside (for few channels per direction, as in ViM2's channel mixer, where the
 // projections are products of (L x inner) by (inner x c) with inner = 2 that BLAS runs far below its rate and whose
 // (batch, K, L, c) output is larger than everything else the layer touches). Per (batch item, direction) the kernel
-// projects the L steps into a local buffer x (L, c), c = R + 2N: x_p = W_k u_p, split into dt (R), B (N) and C (N);
+// projects the L steps into local buffers: x_p = W_k u_p (c = R + 2N values) split into dt (L, R), B and C (L, N);
 // channel i's raw delta is dtw_k[i] . dt_p. Layouts: u (batch, S, inner, L) by strides as above; WT (K, inner, c)
-// (x_proj's weight transposed); dtw (K, inner, R); A, D, bias, y, hs as above. Only N = 16 with AVX-512: the caller
-// asks chanzoo_scan_proj_available() first.
-
-int chanzoo_scan_proj_available() {
-#if defined(__AVX512F__)
-  return 1;
-#else
-  return 0;
-#endif
-}
+// (x_proj's weight transposed); dtw (K, inner, R); A, D, bias, y, hs as above. Only N = 16 with AVX-512 and at most
+// chanzoo_scan_proj_max_inner() channels per direction (0 where the kernel was built without AVX-512).
 
 #if defined(__AVX512F__)
 namespace {
 
-// x (L, c) = the projections of direction k's source; raw (inner, L) = the raw deltas of its channels.
-void project_steps(const float* u0, int64_t usc, const float* WT, const float* dtw, int64_t inner, int64_t L,
-                   int64_t c, int64_t R, float* x, float* raw) {
+constexpr int64_t kProjMaxInner = 8;
+
+// Thread-local buffers of one direction's projections and, for the backward, their gradients.
+struct ProjScratch {
+  std::vector<float> xdt, xB, xC, raw, dxdt, dB, dC, ddraw;
+  ProjScratch(int64_t L, int64_t R, int64_t inner, bool grads)
+      : xdt(L * R), xB(L * kLanes), xC(L * kLanes), raw(inner * L), dxdt(grads ? L * R : 0), dB(grads ? L * kLanes : 0),
+        dC(grads ? L * kLanes : 0), ddraw(grads ? inner * L : 0) {}
+};
+
+// xdt (L, R), xB, xC (L, 16) = the projections of one direction's source; raw (inner, L) its channels' raw deltas.
+template <int64_t inner>
+void project_steps16(const float* u0, int64_t usc, const float* W, const float* dtw, int64_t L, int64_t R,
+                     ProjScratch& x) {
+  const int64_t c = R + 2 * kLanes;
   for (int64_t p = 0; p < L; ++p) {
-    float* xp = x + p * c;
-#pragma omp simd
-    for (int64_t j = 0; j < c; ++j) xp[j] = 0.0f;
+    __m512 b = _mm512_setzero_ps(), cv = _mm512_setzero_ps();
+    float ut[inner];
     for (int64_t i = 0; i < inner; ++i) {
-      const float ui = u0[i * usc + p];
-      const float* w = WT + i * c;
-#pragma omp simd
-      for (int64_t j = 0; j < c; ++j) xp[j] += w[j] * ui;
+      ut[i] = u0[i * usc + p];
+      const __m512 uv = _mm512_set1_ps(ut[i]);
+      b = _mm512_fmadd_ps(_mm512_loadu_ps(W + i * c + R), uv, b);
+      cv = _mm512_fmadd_ps(_mm512_loadu_ps(W + i * c + R + kLanes), uv, cv);
     }
+    float* xr = x.xdt.data() + p * R;
+    for (int64_t r = 0; r < R; ++r) {
+      float acc = 0.0f;
+      for (int64_t i = 0; i < inner; ++i) acc += W[i * c + r] * ut[i];
+      xr[r] = acc;
+    }
+    _mm512_storeu_ps(x.xB.data() + p * kLanes, b);
+    _mm512_storeu_ps(x.xC.data() + p * kLanes, cv);
     for (int64_t i = 0; i < inner; ++i) {
       float acc = 0.0f;
-      for (int64_t r = 0; r < R; ++r) acc += dtw[i * R + r] * xp[r];
-      raw[i * L + p] = acc;
+      for (int64_t r = 0; r < R; ++r) acc += dtw[i * R + r] * xr[r];
+      x.raw[i * L + p] = acc;
     }
+  }
+}
+
+// Back through raw_i = dtw_i . dt_p and x_p = W u_p for one direction: adds W's and dtw's gradients into dW (inner, c)
+// and ddtw (inner, R), and the input gradient into du0 (inner, L); the per-position sums over the 16 B and C lanes are
+// reduced 16 positions at a time.
+template <int64_t inner>
+void project_steps16_bwd(const float* u0, int64_t usc, const float* W, const float* dtw, int64_t L, int64_t R,
+                         ProjScratch& x, float* dW, float* ddtw, float* du0) {
+  const int64_t c = R + 2 * kLanes;
+  const float* xdt = x.xdt.data();
+  const float* ddraw = x.ddraw.data();
+  float* dxdt = x.dxdt.data();
+  // The dt rows: each step's dt gradient, then dtw's and W's dt-row gradients as sums over the steps (in registers).
+  for (int64_t p = 0; p < L; ++p)
+    for (int64_t r = 0; r < R; ++r) {
+      float acc = 0.0f;
+      for (int64_t i = 0; i < inner; ++i) acc += ddraw[i * L + p] * dtw[i * R + r];
+      dxdt[p * R + r] = acc;
+    }
+  for (int64_t i = 0; i < inner; ++i)
+    for (int64_t r = 0; r < R; ++r) {
+      float to_dtw = 0.0f, to_w = 0.0f;
+#pragma omp simd reduction(+ : to_dtw, to_w)
+      for (int64_t p = 0; p < L; ++p) {
+        to_dtw += ddraw[i * L + p] * xdt[p * R + r];
+        to_w += dxdt[p * R + r] * u0[i * usc + p];
+      }
+      ddtw[i * R + r] += to_dtw;
+      dW[i * c + r] += to_w;
+    }
+  // The B and C rows, and the input gradient (the per-step sums over the 16 lanes reduced 16 steps at a time).
+  __m512 dWB[inner], dWC[inner], WB[inner], WC[inner];
+  __m512 tiles[inner][kLanes];
+  alignas(64) float sums[kLanes];
+  float from_dt[inner][kLanes];
+  for (int64_t i = 0; i < inner; ++i) {
+    dWB[i] = dWC[i] = _mm512_setzero_ps();
+    WB[i] = _mm512_loadu_ps(W + i * c + R);
+    WC[i] = _mm512_loadu_ps(W + i * c + R + kLanes);
+  }
+  for (int64_t p0 = 0; p0 < L; p0 += kLanes) {
+    const int64_t nb = std::min(kLanes, L - p0);
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t p = p0 + j;
+      const __m512 gB = _mm512_loadu_ps(x.dB.data() + p * kLanes), gC = _mm512_loadu_ps(x.dC.data() + p * kLanes);
+      for (int64_t i = 0; i < inner; ++i) {
+        const __m512 uv = _mm512_set1_ps(u0[i * usc + p]);
+        dWB[i] = _mm512_fmadd_ps(gB, uv, dWB[i]);
+        dWC[i] = _mm512_fmadd_ps(gC, uv, dWC[i]);
+        float acc = 0.0f;
+        for (int64_t r = 0; r < R; ++r) acc += dxdt[p * R + r] * W[i * c + r];
+        from_dt[i][j] = acc;
+        tiles[i][j] = _mm512_fmadd_ps(gB, WB[i], _mm512_mul_ps(gC, WC[i]));
+      }
+    }
+    for (int64_t i = 0; i < inner; ++i) {
+      for (int64_t j = nb; j < kLanes; ++j) tiles[i][j] = _mm512_setzero_ps();
+      _mm512_store_ps(sums, sum_lanes16(tiles[i]));
+      for (int64_t j = 0; j < nb; ++j) du0[i * L + p0 + j] += sums[j] + from_dt[i][j];
+    }
+  }
+  for (int64_t i = 0; i < inner; ++i) {
+    float* row = dW + i * c + R;
+    _mm512_storeu_ps(row, _mm512_add_ps(_mm512_loadu_ps(row), dWB[i]));
+    _mm512_storeu_ps(row + kLanes, _mm512_add_ps(_mm512_loadu_ps(row + kLanes), dWC[i]));
+  }
+}
+
+// The projections with the channel count as a compile-time constant (1..kProjMaxInner), so that their loops unroll.
+void project_fwd(int64_t inner, const float* u0, int64_t usc, const float* W, const float* dtw, int64_t L, int64_t R,
+                 ProjScratch& x) {
+  switch (inner) {
+    case 1: return project_steps16<1>(u0, usc, W, dtw, L, R, x);
+    case 2: return project_steps16<2>(u0, usc, W, dtw, L, R, x);
+    case 3: return project_steps16<3>(u0, usc, W, dtw, L, R, x);
+    case 4: return project_steps16<4>(u0, usc, W, dtw, L, R, x);
+    case 5: return project_steps16<5>(u0, usc, W, dtw, L, R, x);
+    case 6: return project_steps16<6>(u0, usc, W, dtw, L, R, x);
+    case 7: return project_steps16<7>(u0, usc, W, dtw, L, R, x);
+    default: return project_steps16<8>(u0, usc, W, dtw, L, R, x);
+  }
+}
+
+void project_bwd(int64_t inner, const float* u0, int64_t usc, const float* W, const float* dtw, int64_t L, int64_t R,
+                 ProjScratch& x, float* dW, float* ddtw, float* du0) {
+  switch (inner) {
+    case 1: return project_steps16_bwd<1>(u0, usc, W, dtw, L, R, x, dW, ddtw, du0);
+    case 2: return project_steps16_bwd<2>(u0, usc, W, dtw, L, R, x, dW, ddtw, du0);
+    case 3: return project_steps16_bwd<3>(u0, usc, W, dtw, L, R, x, dW, ddtw, du0);
+    case 4: return project_steps16_bwd<4>(u0, usc, W, dtw, L, R, x, dW, ddtw, du0);
+    case 5: return project_steps16_bwd<5>(u0, usc, W, dtw, L, R, x, dW, ddtw, du0);
+    case 6: return project_steps16_bwd<6>(u0, usc, W, dtw, L, R, x, dW, ddtw, du0);
+    case 7: return project_steps16_bwd<7>(u0, usc, W, dtw, L, R, x, dW, ddtw, du0);
+    default: return project_steps16_bwd<8>(u0, usc, W, dtw, L, R, x, dW, ddtw, du0);
   }
 }
 
 }  // namespace
 #endif
+
+extern "C" {
+
+int64_t chanzoo_scan_proj_max_inner() {
+#if defined(__AVX512F__)
+  return kProjMaxInner;
+#else
+  return 0;
+#endif
+}
 
 void chanzoo_scan_proj_fwd(const float* u, const float* WT, const float* dtw, const float* A, const float* Dv,
                            const float* bias, float* y, float* hs, int64_t batch, int64_t K, int64_t S, int64_t O,
@@ -440,18 +558,19 @@ void chanzoo_scan_proj_fwd(const float* u, const float* WT, const float* dtw, co
   const int64_t dim = K * inner, per_out = K / O, per_src = K / S;
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<float> x(L * c), raw(inner * L), dts(L);
+    ProjScratch x(L, R, inner, false);
+    std::vector<float> dts(L);
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < batch * O; ++item) {
       const int64_t b = item / O, o = item % O;
       for (int64_t k = o * per_out; k < (o + 1) * per_out; ++k) {
         const bool rev = (reverse >> k) & 1, first = (k == o * per_out);
         const float* u0 = u + b * usb + (k / per_src) * uss;
-        project_steps(u0, usc, WT + k * inner * c, dtw + k * inner * R, inner, L, c, R, x.data(), raw.data());
+        project_fwd(inner, u0, usc, WT + k * inner * c, dtw + k * inner * R, L, R, x);
         for (int64_t i = 0; i < inner; ++i) {
           const int64_t d = k * inner + i, bd = b * dim + d;
-          transform_deltas(raw.data() + i * L, bias ? bias[d] : 0.0f, softplus, L, dts.data());
-          scan_channel16(u0 + i * usc, dts.data(), A + d * N, x.data() + R, c, x.data() + R + N, c,
+          transform_deltas(x.raw.data() + i * L, bias ? bias[d] : 0.0f, softplus, L, dts.data());
+          scan_channel16(u0 + i * usc, dts.data(), A + d * N, x.xB.data(), kLanes, x.xC.data(), kLanes,
                          Dv ? Dv[d] : 0.0f, rev, first, L, chunk, hs + bd * n_chunks * N,
                          y + ((b * O + o) * inner + i) * L);
         }
@@ -477,7 +596,7 @@ void chanzoo_scan_proj_bwd(const float* u, const float* WT, const float* dtw, co
   const int64_t dim = K * inner, per_out = K / O, per_src = K / S;
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<float> x(L * c), raw(inner * L), dx(L * c), ddraw(inner * L);
+    ProjScratch x(L, R, inner, true);
     Bwd16Scratch scratch(chunk, L);
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < batch * K; ++item) {
@@ -486,42 +605,23 @@ void chanzoo_scan_proj_bwd(const float* u, const float* WT, const float* dtw, co
       const float* u0 = u + b * usb + (k / per_src) * uss;
       const float* W = WT + k * inner * c;
       const float* dw = dtw + k * inner * R;
-      project_steps(u0, usc, W, dw, inner, L, c, R, x.data(), raw.data());
-      std::fill(dx.begin(), dx.end(), 0.0f);
+      project_fwd(inner, u0, usc, W, dw, L, R, x);
+      std::fill(x.dB.begin(), x.dB.end(), 0.0f);
+      std::fill(x.dC.begin(), x.dC.end(), 0.0f);
       float* du0 = du + item * inner * L;
       for (int64_t i = 0; i < inner; ++i) {
         const int64_t d = k * inner + i, bd = b * dim + d;
-        scan_channel16_bwd(u0 + i * usc, raw.data() + i * L, A + d * N, x.data() + R, c, x.data() + R + N, c,
+        scan_channel16_bwd(u0 + i * usc, x.raw.data() + i * L, A + d * N, x.xB.data(), kLanes, x.xC.data(), kLanes,
                            hs + bd * n_chunks * N, dy + ((b * O + k / per_out) * inner + i) * L, Dv ? Dv[d] : 0.0f,
-                           bias ? bias[d] : 0.0f, softplus, rev, L, chunk, dx.data() + R, dx.data() + R + N, c,
-                           du0 + i * L, ddraw.data() + i * L, dA_part + bd * N, dD_part + bd, dbias_part + bd,
+                           bias ? bias[d] : 0.0f, softplus, rev, L, chunk, x.dB.data(), x.dC.data(), kLanes,
+                           du0 + i * L, x.ddraw.data() + i * L, dA_part + bd * N, dD_part + bd, dbias_part + bd,
                            scratch);
       }
-      // Back through raw_i = dtw_i . x[:R] and x = W u.
       float* dW = dWT_part + item * inner * c;
       float* ddw = dtw_part + item * inner * R;
       std::fill(dW, dW + inner * c, 0.0f);
       std::fill(ddw, ddw + inner * R, 0.0f);
-      for (int64_t p = 0; p < L; ++p) {
-        float* dxp = dx.data() + p * c;
-        const float* xp = x.data() + p * c;
-        for (int64_t i = 0; i < inner; ++i) {
-          const float g = ddraw[i * L + p];
-          for (int64_t r = 0; r < R; ++r) dxp[r] += g * dw[i * R + r], ddw[i * R + r] += g * xp[r];
-        }
-        for (int64_t i = 0; i < inner; ++i) {
-          const float ui = u0[i * usc + p];
-          const float* w = W + i * c;
-          float* dWi = dW + i * c;
-          float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t j = 0; j < c; ++j) {
-            dWi[j] += dxp[j] * ui;
-            acc += dxp[j] * w[j];
-          }
-          du0[i * L + p] += acc;
-        }
-      }
+      project_bwd(inner, u0, usc, W, dw, L, R, x, dW, ddw, du0);
     }
   }
 #endif
