@@ -46,8 +46,18 @@ def test_gpu_check_refuses_to_run_without_a_gpu_unless_smoke(capsys: pytest.Capt
 
 def test_train_step_times_timm_and_chanzoo_side_by_side() -> None:
     train_step = _load("train_step")
-    rows = train_step.main(["--models", "resnet18+eca", "--batch-size", "2", "--img-size", "32", "--repeats", "1"])
+    args = ["--models", "resnet18+eca", "--batch-size", "2", "--img-size", "32", "--repeats", "1"]
+    rows = train_step.main([*args, "--precision", "32"])
     assert [row["path"] for row in rows] == ["timm eager", "chanzoo default"]
+    # precision auto, as train.py resolves it: on a CPU with native bf16 the default trains under bf16 autocast and
+    # timm's eager model is timed under the same autocast too; elsewhere both stay fp32.
+    auto_paths = [row["path"] for row in train_step.main(args)]
+    from chanzoo.acceleration import native_bf16
+
+    expected = ["timm eager", "chanzoo default"]
+    if native_bf16("cpu"):
+        expected.insert(1, "timm eager bf16")
+    assert auto_paths == expected
     timm_row = next(row for row in rows if row["path"] == "timm eager")
     assert timm_row["vs_timm"] == 1.0
     assert all(row["img_s"] > 0 and row["of_gemm"] > 0 and row["warmup_s"] > 0 for row in rows)
