@@ -73,8 +73,9 @@ class _S6Params(nn.Module):
         the C++ kernel reads B and C in place from one projection product per source, or, for the channel mixer's
         two channels, computes the projections itself; the dt bias, softplus and D skip are applied inside the scan).
         """
-        return selective_scan_projected(sources, self.x_proj_weight, self.dt_projs_weight, -torch.exp(self.A_logs.float()),
-                                        self.Ds.float(), self.dt_projs_bias.reshape(-1).float(), reverse, outputs)
+        A = -torch.exp(self.A_logs.float())
+        return selective_scan_projected(sources, self.x_proj_weight, self.dt_projs_weight, A, self.Ds.float(),
+                                        self.dt_projs_bias.reshape(-1).float(), reverse, outputs)
 
 
 class SelectiveTokenMixer(nn.Module):

@@ -448,7 +448,8 @@ _cpp_fwd.register_autograd(_cpp_backward, setup_context=_cpp_setup_context)
 
 @torch.library.custom_op("chanzoo::selective_scan_proj_fwd", mutates_args=(), device_types="cpu")
 def _cpp_proj_fwd(u: torch.Tensor, WT: torch.Tensor, dtw: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
-                  delta_bias: torch.Tensor, outputs: int, reverse: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  delta_bias: torch.Tensor, outputs: int, reverse: int,
+                  chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """y (b, outputs, inner, L) and the chunk-start states of ``selective_scan_projected``; WT (K, inner, R + 2N) is
     x_proj's weight transposed, dtw (K, inner, R) dt_proj's."""
     lib = _cpp_library()
