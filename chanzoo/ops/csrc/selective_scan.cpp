@@ -230,50 +230,56 @@ void chanzoo_scan_fwd(const float* u, const float* delta, const float* A, const 
                       int64_t cst, int64_t chunk, int64_t reverse, int softplus, int nthreads) {
   const int64_t n_chunks = (L + chunk - 1) / chunk;
   const int64_t dim = K * inner, per_out = K / O, per_src = K / S;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t item = 0; item < batch * O * inner; ++item) {
-    const int64_t b = item / (O * inner), o = (item / inner) % O, i = item % inner;
-    float* yp = y + item * L;
-    std::vector<float> h(N), dts(L);
-    for (int64_t k = o * per_out; k < (o + 1) * per_out; ++k) {
-      const int64_t d = k * inner + i, bd = b * dim + d;
-      const bool rev = (reverse >> k) & 1, first = (k == o * per_out);
-      const float* up = u + b * usb + (k / per_src) * uss + i * usc;
-      const float* dp = delta + bd * L;
-      const float* Bp = Bm + b * bsb + (k / per_src) * bss + (k % per_src) * bsj;
-      const float* Cp = Cm + b * csb + (k / per_src) * css + (k % per_src) * csj;
-      const float* a = A + d * N;
-      const float skip = Dv ? Dv[d] : 0.0f, db = bias ? bias[d] : 0.0f;
-      float* hsp = hs + bd * n_chunks * N;
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<float> h(N);  // per thread: the generic path's state; dts: delta' of one channel (AVX-512 path)
 #if defined(__AVX512F__)
-      if (N == kLanes && chunk % kLanes == 0) {
-        transform_deltas(dp, db, softplus, L, dts.data());
-        scan_channel16(up, dts.data(), a, Bp, bst, Cp, cst, skip, rev, first, L, chunk, hsp, yp);
-        continue;
-      }
+    std::vector<float> dts(N == kLanes ? L : 0);
 #endif
-      for (int64_t n = 0; n < N; ++n) h[n] = 0.0f;
-      for (int64_t t = 0; t < L; ++t) {
-        const int64_t p = rev ? L - 1 - t : t;
-        if (t % chunk == 0) {
-          float* dst = hsp + (t / chunk) * N;
-          for (int64_t n = 0; n < N; ++n) dst[n] = h[n];
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < batch * O * inner; ++item) {
+      const int64_t b = item / (O * inner), o = (item / inner) % O, i = item % inner;
+      float* yp = y + item * L;
+      for (int64_t k = o * per_out; k < (o + 1) * per_out; ++k) {
+        const int64_t d = k * inner + i, bd = b * dim + d;
+        const bool rev = (reverse >> k) & 1, first = (k == o * per_out);
+        const float* up = u + b * usb + (k / per_src) * uss + i * usc;
+        const float* dp = delta + bd * L;
+        const float* Bp = Bm + b * bsb + (k / per_src) * bss + (k % per_src) * bsj;
+        const float* Cp = Cm + b * csb + (k / per_src) * css + (k % per_src) * csj;
+        const float* a = A + d * N;
+        const float skip = Dv ? Dv[d] : 0.0f, db = bias ? bias[d] : 0.0f;
+        float* hsp = hs + bd * n_chunks * N;
+#if defined(__AVX512F__)
+        if (N == kLanes && chunk % kLanes == 0) {
+          transform_deltas(dp, db, softplus, L, dts.data());
+          scan_channel16(up, dts.data(), a, Bp, bst, Cp, cst, skip, rev, first, L, chunk, hsp, yp);
+          continue;
         }
-        float dt, unused;
-        transform_delta(dp[p], db, softplus, &dt, &unused);
-        const float dtu = dt * up[p];
-        const float* Bt = Bp + p * bst;
-        const float* Ct = Cp + p * cst;
-        float* hh = h.data();
-        float acc = 0.0f;
+#endif
+        for (int64_t n = 0; n < N; ++n) h[n] = 0.0f;
+        for (int64_t t = 0; t < L; ++t) {
+          const int64_t p = rev ? L - 1 - t : t;
+          if (t % chunk == 0) {
+            float* dst = hsp + (t / chunk) * N;
+            for (int64_t n = 0; n < N; ++n) dst[n] = h[n];
+          }
+          float dt, unused;
+          transform_delta(dp[p], db, softplus, &dt, &unused);
+          const float dtu = dt * up[p];
+          const float* Bt = Bp + p * bst;
+          const float* Ct = Cp + p * cst;
+          float* hh = h.data();
+          float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-        for (int64_t n = 0; n < N; ++n) {
-          const float hn = std::exp(dt * a[n]) * hh[n] + dtu * Bt[n];
-          hh[n] = hn;
-          acc += hn * Ct[n];
+          for (int64_t n = 0; n < N; ++n) {
+            const float hn = std::exp(dt * a[n]) * hh[n] + dtu * Bt[n];
+            hh[n] = hn;
+            acc += hn * Ct[n];
+          }
+          const float out = acc + skip * up[p];
+          yp[p] = first ? out : yp[p] + out;
         }
-        const float out = acc + skip * up[p];
-        yp[p] = first ? out : yp[p] + out;
       }
     }
   }
