@@ -719,16 +719,16 @@ def selective_scan_projected(
     batch, sources, inner, length = u.shape
     directions, width, _ = x_proj_weight.shape
     n_state, rank = A.shape[-1], dt_proj_weight.shape[-1]
-    if width != rank + 2 * n_state or dt_proj_weight.shape != (directions, inner, rank):
+    if width != rank + 2 * n_state or dt_proj_weight.shape != (directions, inner, rank) or len(reverse) != directions:
         raise ValueError(
             f"selective_scan_projected: x_proj_weight {tuple(x_proj_weight.shape)} must be (K, R + 2N, inner) and "
-            f"dt_proj_weight {tuple(dt_proj_weight.shape)} (K, inner, R), with N = {n_state} (A's last axis)"
+            f"dt_proj_weight {tuple(dt_proj_weight.shape)} (K, inner, R), with N = {n_state} (A's last axis) and "
+            f"K = {len(reverse)} (len(reverse))"
         )
     path = _resolve(backend, u)
     # Meta tensors follow the choice real CPU tensors would get, so FLOP counts per op agree as well as in total.
     lib = _cpp_library() if path == "cpp" else None
-    fused = (lib is not None and n_state == 16 and len(reverse) == directions
-             and inner <= lib.chanzoo_scan_proj_max_inner())
+    fused = lib is not None and n_state == 16 and inner <= lib.chanzoo_scan_proj_max_inner()
     if fused:
         mask = sum(1 << k for k, flag in enumerate(reverse) if flag)
         y, _ = _cpp_proj_fwd(u.float(), x_proj_weight.float().transpose(1, 2), dt_proj_weight.float(), A.float(),
