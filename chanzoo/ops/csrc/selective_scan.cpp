@@ -17,8 +17,9 @@
 // Built with AVX-512 and N = 16 (Mamba's and ViM2's state size), each channel runs a specialised path: the state is one
 // register, exp is a polynomial on 16 lanes, delta' is computed for all L positions in one vectorised pass, and the
 // per-step sums over the 16 states (C . h in the forward; B . dh and the delta gradient in the backward) are reduced
-// 16 steps at a time by a transpose-and-add tree instead of one horizontal sum per step. Other N, or a build without
-// AVX-512, take the generic loops.
+// 16 steps at a time by a transpose-and-add tree instead of one horizontal sum per step; the backward runs four channels
+// of a direction side by side, so they share each step's B and C loads and dB, dC updates. Other N, or a build
+// without AVX-512, take the generic loops.
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
@@ -145,77 +146,146 @@ void transform_deltas_grad(const float* raw, float bias, int softplus, int64_t L
   }
 }
 
-// Scratch of one thread for scan_channel16_bwd: the chunk's states and decays, and delta' with its derivative.
+constexpr int64_t kBlock = 4;  // channels of one direction whose backward scans run together
+
+// Scratch of one thread for the N = 16 backward: per channel of a block, the chunk's states and decays, and delta'
+// with its derivative.
 struct Bwd16Scratch {
+  int64_t chunk, L;
   std::vector<float> states, decays, dt, ddt;
-  Bwd16Scratch(int64_t chunk, int64_t L) : states((chunk + 1) * kLanes), decays(chunk * kLanes), dt(L), ddt(L) {}
+  Bwd16Scratch(int64_t chunk, int64_t L)
+      : chunk(chunk), L(L), states(kBlock * (chunk + 1) * kLanes), decays(kBlock * chunk * kLanes),
+        dt(kBlock * L), ddt(kBlock * L) {}
 };
 
-// One channel's backward with N = 16 (see chanzoo_scan_bwd): recomputes each chunk's states from the saved one,
-// then runs the reverse scan 16 steps at a time, reducing the per-step sums over the states for 16 steps at once.
-// Adds into dBp, dCp (this channel's direction's rows); writes du, ddelta; returns the dA, dD, dbias sums.
-inline void scan_channel16_bwd(const float* up, const float* dp, const float* a, const float* Bp, int64_t bst,
-                               const float* Cp, int64_t cst, const float* hsp, const float* dyp, float skip,
-                               float db, int softplus, bool rev, int64_t L, int64_t chunk, float* dBp, float* dCp,
-                               int64_t dst, float* dup, float* ddp, float* dAp, float* dD_out, float* dbias_out,
-                               Bwd16Scratch& scratch) {
-  float* dt = scratch.dt.data();
-  float* ddt = scratch.ddt.data();
-  transform_deltas_grad(dp, db, softplus, L, dt, ddt);
-  const __m512 av = _mm512_loadu_ps(a);
-  __m512 carry = _mm512_setzero_ps(), dA = _mm512_setzero_ps();
-  __m512 tile_u[kLanes], tile_dt[kLanes];
+// Consecutive channels of one direction: where each one's inputs and outputs start, and the stride to the next.
+// skip (D) and bias may be null (0).
+struct ChannelRun {
+  const float* u; int64_t u_stride;   // input sequence
+  const float* delta;                 // raw delta, stride L
+  const float* a;                     // A rows, stride 16
+  const float* hs; int64_t hs_stride; // states saved before each chunk
+  const float* dy;                    // output gradient, stride L
+  const float* skip; const float* bias;
+  float* du; float* ddelta;           // stride L
+  float* dA; float* dD; float* dbias; // stride 16, 1, 1
+
+  ChannelRun at(int64_t i, int64_t L) const {
+    return {u + i * u_stride, u_stride, delta + i * L, a + i * kLanes, hs + i * hs_stride, hs_stride, dy + i * L,
+            skip ? skip + i : nullptr, bias ? bias + i : nullptr, du + i * L, ddelta + i * L, dA + i * kLanes,
+            dD + i, dbias + i};
+  }
+};
+
+// Backward of G channels that share B, C and their gradient rows (see chanzoo_scan_bwd): recomputes each chunk's
+// states from the saved ones, then runs the G reverse scans side by side, 16 steps at a time, so that B and C are
+// loaded and the dB, dC rows updated once per step for the G channels, and the G carry chains overlap. The per-step
+// sums over the states (B . dh and the delta gradient) are reduced 16 steps at a time. Adds into dBp, dCp; writes
+// du, ddelta, dA, dD, dbias.
+template <int64_t G>
+void scan_block16_bwd(const ChannelRun& run, const float* Bp, int64_t bst, const float* Cp, int64_t cst, int softplus,
+                      bool rev, int64_t L, float* dBp, float* dCp, int64_t dst, Bwd16Scratch& scratch) {
+  const int64_t chunk = scratch.chunk;
+  const float* up[G];
+  const float* dyp[G];
+  float *dt[G], *ddt[G], *states[G], *decays[G];
+  __m512 av[G], carry[G], dA[G];
+  float skip[G], dD_acc[G], dbias_acc[G];
+  for (int64_t g = 0; g < G; ++g) {
+    up[g] = run.u + g * run.u_stride;
+    dyp[g] = run.dy + g * L;
+    dt[g] = scratch.dt.data() + g * L;
+    ddt[g] = scratch.ddt.data() + g * L;
+    states[g] = scratch.states.data() + g * (chunk + 1) * kLanes;
+    decays[g] = scratch.decays.data() + g * chunk * kLanes;
+    transform_deltas_grad(run.delta + g * L, run.bias ? run.bias[g] : 0.0f, softplus, L, dt[g], ddt[g]);
+    av[g] = _mm512_loadu_ps(run.a + g * kLanes);
+    carry[g] = dA[g] = _mm512_setzero_ps();
+    skip[g] = run.skip ? run.skip[g] : 0.0f;
+    dD_acc[g] = dbias_acc[g] = 0.0f;
+  }
+  __m512 tile_u[G][kLanes], tile_dt[G][kLanes];
   alignas(64) float sum_u[kLanes], sum_dt[kLanes];
-  float dD_acc = 0.0f, dbias_acc = 0.0f;
   const int64_t n_chunks = (L + chunk - 1) / chunk;
   for (int64_t c = n_chunks - 1; c >= 0; --c) {
     const int64_t t0 = c * chunk, t1 = std::min(t0 + chunk, L);
-    float* states = scratch.states.data();
-    float* decays = scratch.decays.data();
-    __m512 h = _mm512_loadu_ps(hsp + c * kLanes);
-    _mm512_storeu_ps(states, h);
+    __m512 h[G];
+    for (int64_t g = 0; g < G; ++g) {
+      h[g] = _mm512_loadu_ps(run.hs + g * run.hs_stride + c * kLanes);
+      _mm512_storeu_ps(states[g], h[g]);
+    }
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t p = rev ? L - 1 - t : t, k = t - t0;
-      const __m512 e = exp16(_mm512_mul_ps(_mm512_set1_ps(dt[p]), av));
-      h = _mm512_fmadd_ps(e, h, _mm512_mul_ps(_mm512_set1_ps(dt[p] * up[p]), _mm512_loadu_ps(Bp + p * bst)));
-      _mm512_storeu_ps(decays + k * kLanes, e);
-      _mm512_storeu_ps(states + (k + 1) * kLanes, h);
+      const __m512 Bv = _mm512_loadu_ps(Bp + p * bst);
+      for (int64_t g = 0; g < G; ++g) {
+        const __m512 e = exp16(_mm512_mul_ps(_mm512_set1_ps(dt[g][p]), av[g]));
+        h[g] = _mm512_fmadd_ps(e, h[g], _mm512_mul_ps(_mm512_set1_ps(dt[g][p] * up[g][p]), Bv));
+        _mm512_storeu_ps(decays[g] + k * kLanes, e);
+        _mm512_storeu_ps(states[g] + (k + 1) * kLanes, h[g]);
+      }
     }
     // Reverse pass over the chunk, in groups of up to 16 steps ending at t_end - 1.
     for (int64_t t_end = t1; t_end > t0; t_end -= kLanes) {
       const int64_t nb = std::min(kLanes, t_end - t0);
       for (int64_t j = 0; j < nb; ++j) {
         const int64_t t = t_end - 1 - j, p = rev ? L - 1 - t : t, k = t - t0;
-        const __m512 dyv = _mm512_set1_ps(dyp[p]), uv = _mm512_set1_ps(up[p]);
-        const __m512 Bv = _mm512_loadu_ps(Bp + p * bst);
-        const __m512 g = _mm512_fmadd_ps(dyv, _mm512_loadu_ps(Cp + p * cst), carry);
-        const __m512 e = _mm512_loadu_ps(decays + k * kLanes);
-        const __m512 eh = _mm512_mul_ps(e, _mm512_loadu_ps(states + k * kLanes));
+        const __m512 Bv = _mm512_loadu_ps(Bp + p * bst), Cv = _mm512_loadu_ps(Cp + p * cst);
+        __m512 to_dB = _mm512_setzero_ps(), to_dC = _mm512_setzero_ps();
+        for (int64_t g = 0; g < G; ++g) {
+          const __m512 dyv = _mm512_set1_ps(dyp[g][p]), dtv = _mm512_set1_ps(dt[g][p]);
+          const __m512 grad = _mm512_fmadd_ps(dyv, Cv, carry[g]);
+          const __m512 e = _mm512_loadu_ps(decays[g] + k * kLanes);
+          const __m512 eh = _mm512_mul_ps(e, _mm512_loadu_ps(states[g] + k * kLanes));
+          to_dC = _mm512_fmadd_ps(dyv, _mm512_loadu_ps(states[g] + (k + 1) * kLanes), to_dC);
+          to_dB = _mm512_fmadd_ps(grad, _mm512_set1_ps(dt[g][p] * up[g][p]), to_dB);
+          tile_u[g][j] = _mm512_mul_ps(grad, Bv);
+          tile_dt[g][j] = _mm512_mul_ps(grad, _mm512_fmadd_ps(_mm512_set1_ps(up[g][p]), Bv, _mm512_mul_ps(av[g], eh)));
+          dA[g] = _mm512_fmadd_ps(_mm512_mul_ps(grad, dtv), eh, dA[g]);
+          carry[g] = _mm512_mul_ps(e, grad);
+        }
         float* dCt = dCp + p * dst;
         float* dBt = dBp + p * dst;
-        _mm512_storeu_ps(dCt, _mm512_fmadd_ps(dyv, _mm512_loadu_ps(states + (k + 1) * kLanes), _mm512_loadu_ps(dCt)));
-        _mm512_storeu_ps(dBt, _mm512_fmadd_ps(g, _mm512_set1_ps(dt[p] * up[p]), _mm512_loadu_ps(dBt)));
-        tile_u[j] = _mm512_mul_ps(g, Bv);
-        tile_dt[j] = _mm512_mul_ps(g, _mm512_fmadd_ps(uv, Bv, _mm512_mul_ps(av, eh)));
-        dA = _mm512_fmadd_ps(_mm512_mul_ps(g, _mm512_set1_ps(dt[p])), eh, dA);
-        carry = _mm512_mul_ps(e, g);
+        _mm512_storeu_ps(dCt, _mm512_add_ps(_mm512_loadu_ps(dCt), to_dC));
+        _mm512_storeu_ps(dBt, _mm512_add_ps(_mm512_loadu_ps(dBt), to_dB));
       }
-      for (int64_t j = nb; j < kLanes; ++j) tile_u[j] = tile_dt[j] = _mm512_setzero_ps();
-      _mm512_store_ps(sum_u, sum_lanes16(tile_u));
-      _mm512_store_ps(sum_dt, sum_lanes16(tile_dt));
-      for (int64_t j = 0; j < nb; ++j) {
-        const int64_t t = t_end - 1 - j, p = rev ? L - 1 - t : t;
-        dup[p] = sum_u[j] * dt[p] + skip * dyp[p];
-        const float ddraw = sum_dt[j] * ddt[p];
-        ddp[p] = ddraw;
-        dbias_acc += ddraw;
-        dD_acc += dyp[p] * up[p];
+      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t j = nb; j < kLanes; ++j) tile_u[g][j] = tile_dt[g][j] = _mm512_setzero_ps();
+        _mm512_store_ps(sum_u, sum_lanes16(tile_u[g]));
+        _mm512_store_ps(sum_dt, sum_lanes16(tile_dt[g]));
+        float* dup = run.du + g * L;
+        float* ddp = run.ddelta + g * L;
+        for (int64_t j = 0; j < nb; ++j) {
+          const int64_t t = t_end - 1 - j, p = rev ? L - 1 - t : t;
+          dup[p] = sum_u[j] * dt[g][p] + skip[g] * dyp[g][p];
+          const float ddraw = sum_dt[j] * ddt[g][p];
+          ddp[p] = ddraw;
+          dbias_acc[g] += ddraw;
+          dD_acc[g] += dyp[g][p] * up[g][p];
+        }
       }
     }
   }
-  _mm512_storeu_ps(dAp, dA);
-  *dD_out = dD_acc;
-  *dbias_out = dbias_acc;
+  for (int64_t g = 0; g < G; ++g) {
+    _mm512_storeu_ps(run.dA + g * kLanes, dA[g]);
+    run.dD[g] = dD_acc[g];
+    run.dbias[g] = dbias_acc[g];
+  }
+}
+
+// The backward of `count` consecutive channels of one direction, kBlock at a time.
+void scan_channels16_bwd(int64_t count, const ChannelRun& run, const float* Bp, int64_t bst, const float* Cp,
+                         int64_t cst, int softplus, bool rev, int64_t L, float* dBp, float* dCp, int64_t dst,
+                         Bwd16Scratch& scratch) {
+  static_assert(kBlock == 4, "the switch below lists the block sizes");
+  for (int64_t i = 0; i < count; i += kBlock) {
+    const ChannelRun block = run.at(i, L);
+    switch (std::min(kBlock, count - i)) {
+      case 4: scan_block16_bwd<4>(block, Bp, bst, Cp, cst, softplus, rev, L, dBp, dCp, dst, scratch); break;
+      case 3: scan_block16_bwd<3>(block, Bp, bst, Cp, cst, softplus, rev, L, dBp, dCp, dst, scratch); break;
+      case 2: scan_block16_bwd<2>(block, Bp, bst, Cp, cst, softplus, rev, L, dBp, dCp, dst, scratch); break;
+      default: scan_block16_bwd<1>(block, Bp, bst, Cp, cst, softplus, rev, L, dBp, dCp, dst, scratch); break;
+    }
+  }
 }
 #endif
 
@@ -318,8 +388,20 @@ void chanzoo_scan_bwd(const float* u, const float* delta, const float* A, const 
       std::memset(dCp, 0, sizeof(float) * L * N);
       const float* Bp = Bm + b * bsb + (k / per_src) * bss + (k % per_src) * bsj;
       const float* Cp = Cm + b * csb + (k / per_src) * css + (k % per_src) * csj;
-      const int64_t i_end = std::min((s + 1) * per_split, inner);
-      for (int64_t i = s * per_split; i < i_end; ++i) {
+      const int64_t i_begin = s * per_split, i_end = std::min((s + 1) * per_split, inner);
+#if defined(__AVX512F__)
+      if (fast) {
+        if (i_end <= i_begin) continue;
+        const int64_t d = k * inner + i_begin, bd = b * dim + d;
+        const ChannelRun run{u + b * usb + (k / per_src) * uss + i_begin * usc, usc, delta + bd * L, A + d * N,
+                             hs + bd * n_chunks * N, n_chunks * N, dy + ((b * O + k / per_out) * inner + i_begin) * L,
+                             Dv ? Dv + d : nullptr, bias ? bias + d : nullptr, du + bd * L, ddelta + bd * L,
+                             dA_part + bd * N, dD_part + bd, dbias_part + bd};
+        scan_channels16_bwd(i_end - i_begin, run, Bp, bst, Cp, cst, softplus, rev, L, dBp, dCp, N, scratch);
+        continue;
+      }
+#endif
+      for (int64_t i = i_begin; i < i_end; ++i) {
         const int64_t d = k * inner + i, bd = b * dim + d;
         const float* up = u + b * usb + (k / per_src) * uss + i * usc;
         const float* dp = delta + bd * L;
@@ -328,13 +410,6 @@ void chanzoo_scan_bwd(const float* u, const float* delta, const float* A, const 
         const float skip = Dv ? Dv[d] : 0.0f, db = bias ? bias[d] : 0.0f;
         float* dup = du + bd * L;
         float* ddp = ddelta + bd * L;
-#if defined(__AVX512F__)
-        if (fast) {
-          scan_channel16_bwd(up, dp, a, Bp, bst, Cp, cst, hs + bd * n_chunks * N, dyp, skip, db, softplus, rev, L,
-                             chunk, dBp, dCp, N, dup, ddp, dA_part + bd * N, dD_part + bd, dbias_part + bd, scratch);
-          continue;
-        }
-#endif
         float dD_acc = 0.0f, dbias_acc = 0.0f;
         for (int64_t n = 0; n < N; ++n) carry[n] = 0.0f, dA_acc[n] = 0.0f;
         for (int64_t c = n_chunks - 1; c >= 0; --c) {
@@ -620,14 +695,12 @@ void chanzoo_scan_proj_bwd(const float* u, const float* WT, const float* dtw, co
       std::fill(x.dB.begin(), x.dB.end(), 0.0f);
       std::fill(x.dC.begin(), x.dC.end(), 0.0f);
       float* du0 = du + item * inner * L;
-      for (int64_t i = 0; i < inner; ++i) {
-        const int64_t d = k * inner + i, bd = b * dim + d;
-        scan_channel16_bwd(u0 + i * usc, x.raw.data() + i * L, A + d * N, x.xB.data(), kLanes, x.xC.data(), kLanes,
-                           hs + bd * n_chunks * N, dy + ((b * O + k / per_out) * inner + i) * L, Dv ? Dv[d] : 0.0f,
-                           bias ? bias[d] : 0.0f, softplus, rev, L, chunk, x.dB.data(), x.dC.data(), kLanes,
-                           du0 + i * L, x.ddraw.data() + i * L, dA_part + bd * N, dD_part + bd, dbias_part + bd,
-                           scratch);
-      }
+      const int64_t d = k * inner, bd = b * dim + d;
+      const ChannelRun run{u0, usc, x.raw.data(), A + d * N, hs + bd * n_chunks * N, n_chunks * N,
+                           dy + (b * O + k / per_out) * inner * L, Dv ? Dv + d : nullptr, bias ? bias + d : nullptr,
+                           du0, x.ddraw.data(), dA_part + bd * N, dD_part + bd, dbias_part + bd};
+      scan_channels16_bwd(inner, run, x.xB.data(), kLanes, x.xC.data(), kLanes, softplus, rev, L, x.dB.data(),
+                          x.dC.data(), kLanes, scratch);
       float* dW = dWT_part + item * inner * c;
       float* ddw = dtw_part + item * inner * R;
       std::fill(dW, dW + inner * c, 0.0f);
