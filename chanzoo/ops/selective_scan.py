@@ -421,7 +421,8 @@ def _cpp_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Ten
 
 @_cpp_bwd.register_fake
 def _(u, delta, A, B, C, D, delta_bias, hs, dy, softplus, reverse, chunk):
-    return (u.new_empty(u.shape), torch.empty_like(delta), torch.empty_like(A), B.new_empty(B.shape),
+    # Contiguous, as the kernel's gradients are, whatever the inputs' strides (B and C arrive as transposed views).
+    return (u.new_empty(u.shape), delta.new_empty(delta.shape), A.new_empty(A.shape), B.new_empty(B.shape),
             C.new_empty(C.shape), u.new_empty(delta.shape[1]), u.new_empty(delta.shape[1]))
 
 
@@ -496,8 +497,8 @@ def _cpp_proj_bwd(u: torch.Tensor, WT: torch.Tensor, dtw: torch.Tensor, A: torch
 
 @_cpp_proj_bwd.register_fake
 def _(u, WT, dtw, A, D, delta_bias, hs, dy, reverse, chunk):
-    return (u.new_empty(u.shape), torch.empty_like(WT), torch.empty_like(dtw), torch.empty_like(A),
-            torch.empty_like(D), torch.empty_like(delta_bias))
+    # Contiguous, as the kernel's gradients are, whatever the inputs' strides (WT arrives as a transposed view).
+    return tuple(t.new_empty(t.shape) for t in (u, WT, dtw, A, D, delta_bias))
 
 
 def _cpp_proj_setup_context(ctx, inputs, output) -> None:
