@@ -151,10 +151,10 @@ constexpr int64_t kBlock = 4;  // channels of one direction whose backward scans
 // Scratch of one thread for the N = 16 backward: per channel of a block, the chunk's states and decays, and delta'
 // with its derivative.
 struct Bwd16Scratch {
-  int64_t chunk, L;
+  int64_t chunk;
   std::vector<float> states, decays, dt, ddt;
   Bwd16Scratch(int64_t chunk, int64_t L)
-      : chunk(chunk), L(L), states(kBlock * (chunk + 1) * kLanes), decays(kBlock * chunk * kLanes),
+      : chunk(chunk), states(kBlock * (chunk + 1) * kLanes), decays(kBlock * chunk * kLanes),
         dt(kBlock * L), ddt(kBlock * L) {}
 };
 
