@@ -241,7 +241,7 @@ def test_projected_scan_fuses_few_channels_only():
     from torch.utils.flop_counter import FlopCounterMode
 
     if "cpp" not in FAST or ss._cpp_library().chanzoo_scan_proj_max_inner() < 2:
-        pytest.skip("the fused kernel needs the C++ build with AVX-512 (this CPU or compiler has none)")
+        pytest.skip("the fused kernel needs the C++ build with AVX-512 or AVX2 (this CPU or compiler has neither)")
     for inner, fused in ((2, True), (10, False)):
         u = torch.randn(2, 2, inner, 20)
         args = (torch.randn(2, 33, inner), torch.randn(2, inner, 1), -torch.rand(2 * inner, 16),
@@ -285,7 +285,7 @@ def test_projected_scan_ops_fake_kernels_match_the_real_ones():
     """The same for the fused projected-scan ops, with x_proj's weight transposed as ViM2 passes it (the view whose
     gradient strides the fake kernel once got wrong)."""
     if "cpp" not in FAST or ss._cpp_library().chanzoo_scan_proj_max_inner() < 2:
-        pytest.skip("the fused kernel needs the C++ build with AVX-512 (this CPU or compiler has none)")
+        pytest.skip("the fused kernel needs the C++ build with AVX-512 or AVX2 (this CPU or compiler has neither)")
     g = torch.Generator().manual_seed(0)
     batch, inner, length = 2, 2, 40
     u = torch.randn(batch, 2, inner, length, generator=g, requires_grad=True)

@@ -14,20 +14,22 @@
 //   hs: (batch, dim, n_chunks, N), the state before each chunk of `chunk` steps (saved by the forward pass so that
 //   the backward pass recomputes one chunk of states at a time instead of storing all of them).
 // Every exp() of the scan has a non-positive argument when delta' >= 0 and A <= 0: it only multiplies decays <= 1.
-// Built with AVX-512 and N = 16 (Mamba's and ViM2's state size), each channel runs a specialised path: the state is one
-// register, exp is a polynomial on 16 lanes, delta' is computed for all L positions in one vectorised pass, and the
-// per-step sums over the 16 states (C . h in the forward; B . dh and the delta gradient in the backward) are reduced
-// 16 steps at a time by a transpose-and-add tree instead of one horizontal sum per step; the backward runs four channels
-// of a direction side by side, so they share each step's B and C loads and dB, dC updates. Other N, or a build
-// without AVX-512, take the generic loops.
+// Built with AVX-512, or with AVX2 and FMA, and N = 16 (Mamba's and ViM2's state size), each channel runs a specialised
+// path: the state is one 16-lane vector (one AVX-512 register, or two AVX2 registers), exp is a polynomial on 16
+// lanes, delta' is computed for all L positions in one vectorised pass, and the per-step sums over the 16 states
+// (C . h in the forward; B . dh and the delta gradient in the backward) are reduced 16 steps at a time by a
+// transpose-and-add tree instead of one horizontal sum per step; the backward runs four channels of a direction side
+// by side, so they share each step's B and C loads and dB, dC updates. Other N, or a build with neither instruction
+// set, take the generic loops.
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
 #include <vector>
 #include <omp.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#define CHANZOO_SIMD16 1
 #endif
 
 namespace {
@@ -45,7 +47,7 @@ inline void transform_delta(float raw, float bias, int softplus, float* dt, floa
   }
 }
 
-#if defined(__AVX512F__)
+#if defined(CHANZOO_SIMD16)
 // delta' for the L positions of one channel at once (a loop the compiler vectorises, exp and log1p included).
 void transform_deltas(const float* raw, float bias, int softplus, int64_t L, float* dt) {
   if (!softplus) {
@@ -60,11 +62,23 @@ void transform_deltas(const float* raw, float bias, int softplus, int64_t L, flo
   }
 }
 
-constexpr int64_t kLanes = 16;  // N = 16 states are one AVX-512 register
+constexpr int64_t kLanes = 16;  // the N = 16 states of one channel are one V16
 
-// exp(x) for 16 floats: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by Cephes' degree-7 polynomial, times 2^n by
-// scalef (which also flushes very negative arguments to 0). Relative error ~1e-7.
-inline __m512 exp16(__m512 x) {
+// V16: 16 floats and the few operations the N = 16 paths use (vload/vstore unaligned); exp16(x) = exp of each lane;
+// sum_lanes16(v): lane j of the result is the sum of the 16 lanes of v[j].
+#if defined(__AVX512F__)
+using V16 = __m512;
+inline V16 vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, V16 v) { _mm512_storeu_ps(p, v); }
+inline V16 vset1(float x) { return _mm512_set1_ps(x); }
+inline V16 vzero() { return _mm512_setzero_ps(); }
+inline V16 vadd(V16 a, V16 b) { return _mm512_add_ps(a, b); }
+inline V16 vmul(V16 a, V16 b) { return _mm512_mul_ps(a, b); }
+inline V16 vfmadd(V16 a, V16 b, V16 c) { return _mm512_fmadd_ps(a, b, c); }
+
+// x = n ln2 + r with |r| <= ln2 / 2, exp(r) by Cephes' degree-7 polynomial, times 2^n by scalef (which also flushes
+// very negative arguments to 0). Relative error ~1e-7.
+inline V16 exp16(V16 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -80,8 +94,8 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// Lane j of the result is the sum of the 16 lanes of v[j] (a transpose-and-add tree: 56 instructions for 16 sums).
-inline __m512 sum_lanes16(const __m512* v) {
+// A transpose-and-add tree: 56 instructions for 16 sums.
+inline V16 sum_lanes16(const V16* v) {
   __m512 w[8], x[4];
   for (int i = 0; i < 8; ++i)
     w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
@@ -99,6 +113,52 @@ inline __m512 sum_lanes16(const __m512* v) {
   const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   return _mm512_permutexvar_ps(idx, r);
 }
+#else
+// AVX2: lanes 0-7 in lo, 8-15 in hi.
+struct V16 {
+  __m256 lo, hi;
+};
+inline V16 vload(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline void vstore(float* p, V16 v) { _mm256_storeu_ps(p, v.lo), _mm256_storeu_ps(p + 8, v.hi); }
+inline V16 vset1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
+inline V16 vzero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline V16 vadd(V16 a, V16 b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+inline V16 vmul(V16 a, V16 b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+inline V16 vfmadd(V16 a, V16 b, V16 c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
+
+// The AVX-512 path's polynomial; 2^n is built in the exponent bits, so arguments are clamped at -87 (2^n stays a
+// normal float) and lanes below -87.3 are set to 0, as scalef flushes them there.
+inline __m256 exp8(__m256 x) {
+  const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+}
+inline V16 exp16(V16 x) { return {exp8(x.lo), exp8(x.hi)}; }
+
+// Lane j of the result is the sum of the 8 lanes of a[j] (two levels of hadd, then the 128-bit halves added).
+inline __m256 sum_lanes8(const __m256* a) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+inline V16 sum_lanes16(const V16* v) {
+  __m256 halves[kLanes];
+  for (int j = 0; j < kLanes; ++j) halves[j] = _mm256_add_ps(v[j].lo, v[j].hi);
+  return {sum_lanes8(halves), sum_lanes8(halves + 8)};
+}
+#endif
 
 // One channel's forward scan with N = 16: h in a register, outputs reduced 16 steps at a time. dt holds delta' by
 // position; writes (or adds, when !first) y_p = C_p . h_p + skip u_p; saves the state before every chunk start
@@ -106,22 +166,22 @@ inline __m512 sum_lanes16(const __m512* v) {
 inline void scan_channel16(const float* up, const float* dt, const float* a, const float* Bp, int64_t bst,
                            const float* Cp, int64_t cst, float skip, bool rev, bool first, int64_t L, int64_t chunk,
                            float* hsp, float* yp) {
-  const __m512 av = _mm512_loadu_ps(a);
-  __m512 h = _mm512_setzero_ps();
-  __m512 tile[kLanes];
+  const V16 av = vload(a);
+  V16 h = vzero();
+  V16 tile[kLanes];
   alignas(64) float sums[kLanes];
   for (int64_t t0 = 0; t0 < L; t0 += kLanes) {
-    if (t0 % chunk == 0) _mm512_storeu_ps(hsp + (t0 / chunk) * kLanes, h);
+    if (t0 % chunk == 0) vstore(hsp + (t0 / chunk) * kLanes, h);
     const int64_t nb = std::min(kLanes, L - t0);
     for (int64_t j = 0; j < nb; ++j) {
       const int64_t p = rev ? L - 1 - (t0 + j) : t0 + j;
-      const __m512 dtv = _mm512_set1_ps(dt[p]);
-      const __m512 drive = _mm512_mul_ps(_mm512_set1_ps(dt[p] * up[p]), _mm512_loadu_ps(Bp + p * bst));
-      h = _mm512_fmadd_ps(exp16(_mm512_mul_ps(dtv, av)), h, drive);
-      tile[j] = _mm512_mul_ps(h, _mm512_loadu_ps(Cp + p * cst));
+      const V16 dtv = vset1(dt[p]);
+      const V16 drive = vmul(vset1(dt[p] * up[p]), vload(Bp + p * bst));
+      h = vfmadd(exp16(vmul(dtv, av)), h, drive);
+      tile[j] = vmul(h, vload(Cp + p * cst));
     }
-    for (int64_t j = nb; j < kLanes; ++j) tile[j] = _mm512_setzero_ps();
-    _mm512_store_ps(sums, sum_lanes16(tile));
+    for (int64_t j = nb; j < kLanes; ++j) tile[j] = vzero();
+    vstore(sums, sum_lanes16(tile));
     for (int64_t j = 0; j < nb; ++j) {
       const int64_t p = rev ? L - 1 - (t0 + j) : t0 + j;
       const float out = sums[j] + skip * up[p];
@@ -189,7 +249,7 @@ void scan_block16_bwd(const ChannelRun& run, const float* Bp, int64_t bst, const
   const float* up[G];
   const float* dyp[G];
   float *dt[G], *ddt[G], *states[G], *decays[G];
-  __m512 av[G], carry[G], dA[G];
+  V16 av[G], carry[G], dA[G];
   float skip[G], dD_acc[G], dbias_acc[G];
   for (int64_t g = 0; g < G; ++g) {
     up[g] = run.u + g * run.u_stride;
@@ -199,29 +259,29 @@ void scan_block16_bwd(const ChannelRun& run, const float* Bp, int64_t bst, const
     states[g] = scratch.states.data() + g * (chunk + 1) * kLanes;
     decays[g] = scratch.decays.data() + g * chunk * kLanes;
     transform_deltas_grad(run.delta + g * L, run.bias ? run.bias[g] : 0.0f, softplus, L, dt[g], ddt[g]);
-    av[g] = _mm512_loadu_ps(run.a + g * kLanes);
-    carry[g] = dA[g] = _mm512_setzero_ps();
+    av[g] = vload(run.a + g * kLanes);
+    carry[g] = dA[g] = vzero();
     skip[g] = run.skip ? run.skip[g] : 0.0f;
     dD_acc[g] = dbias_acc[g] = 0.0f;
   }
-  __m512 tile_u[G][kLanes], tile_dt[G][kLanes];
+  V16 tile_u[G][kLanes], tile_dt[G][kLanes];
   alignas(64) float sum_u[kLanes], sum_dt[kLanes];
   const int64_t n_chunks = (L + chunk - 1) / chunk;
   for (int64_t c = n_chunks - 1; c >= 0; --c) {
     const int64_t t0 = c * chunk, t1 = std::min(t0 + chunk, L);
-    __m512 h[G];
+    V16 h[G];
     for (int64_t g = 0; g < G; ++g) {
-      h[g] = _mm512_loadu_ps(run.hs + g * run.hs_stride + c * kLanes);
-      _mm512_storeu_ps(states[g], h[g]);
+      h[g] = vload(run.hs + g * run.hs_stride + c * kLanes);
+      vstore(states[g], h[g]);
     }
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t p = rev ? L - 1 - t : t, k = t - t0;
-      const __m512 Bv = _mm512_loadu_ps(Bp + p * bst);
+      const V16 Bv = vload(Bp + p * bst);
       for (int64_t g = 0; g < G; ++g) {
-        const __m512 e = exp16(_mm512_mul_ps(_mm512_set1_ps(dt[g][p]), av[g]));
-        h[g] = _mm512_fmadd_ps(e, h[g], _mm512_mul_ps(_mm512_set1_ps(dt[g][p] * up[g][p]), Bv));
-        _mm512_storeu_ps(decays[g] + k * kLanes, e);
-        _mm512_storeu_ps(states[g] + (k + 1) * kLanes, h[g]);
+        const V16 e = exp16(vmul(vset1(dt[g][p]), av[g]));
+        h[g] = vfmadd(e, h[g], vmul(vset1(dt[g][p] * up[g][p]), Bv));
+        vstore(decays[g] + k * kLanes, e);
+        vstore(states[g] + (k + 1) * kLanes, h[g]);
       }
     }
     // Reverse pass over the chunk, in groups of up to 16 steps ending at t_end - 1.
@@ -229,29 +289,29 @@ void scan_block16_bwd(const ChannelRun& run, const float* Bp, int64_t bst, const
       const int64_t nb = std::min(kLanes, t_end - t0);
       for (int64_t j = 0; j < nb; ++j) {
         const int64_t t = t_end - 1 - j, p = rev ? L - 1 - t : t, k = t - t0;
-        const __m512 Bv = _mm512_loadu_ps(Bp + p * bst), Cv = _mm512_loadu_ps(Cp + p * cst);
-        __m512 to_dB = _mm512_setzero_ps(), to_dC = _mm512_setzero_ps();
+        const V16 Bv = vload(Bp + p * bst), Cv = vload(Cp + p * cst);
+        V16 to_dB = vzero(), to_dC = vzero();
         for (int64_t g = 0; g < G; ++g) {
-          const __m512 dyv = _mm512_set1_ps(dyp[g][p]), dtv = _mm512_set1_ps(dt[g][p]);
-          const __m512 grad = _mm512_fmadd_ps(dyv, Cv, carry[g]);
-          const __m512 e = _mm512_loadu_ps(decays[g] + k * kLanes);
-          const __m512 eh = _mm512_mul_ps(e, _mm512_loadu_ps(states[g] + k * kLanes));
-          to_dC = _mm512_fmadd_ps(dyv, _mm512_loadu_ps(states[g] + (k + 1) * kLanes), to_dC);
-          to_dB = _mm512_fmadd_ps(grad, _mm512_set1_ps(dt[g][p] * up[g][p]), to_dB);
-          tile_u[g][j] = _mm512_mul_ps(grad, Bv);
-          tile_dt[g][j] = _mm512_mul_ps(grad, _mm512_fmadd_ps(_mm512_set1_ps(up[g][p]), Bv, _mm512_mul_ps(av[g], eh)));
-          dA[g] = _mm512_fmadd_ps(_mm512_mul_ps(grad, dtv), eh, dA[g]);
-          carry[g] = _mm512_mul_ps(e, grad);
+          const V16 dyv = vset1(dyp[g][p]), dtv = vset1(dt[g][p]);
+          const V16 grad = vfmadd(dyv, Cv, carry[g]);
+          const V16 e = vload(decays[g] + k * kLanes);
+          const V16 eh = vmul(e, vload(states[g] + k * kLanes));
+          to_dC = vfmadd(dyv, vload(states[g] + (k + 1) * kLanes), to_dC);
+          to_dB = vfmadd(grad, vset1(dt[g][p] * up[g][p]), to_dB);
+          tile_u[g][j] = vmul(grad, Bv);
+          tile_dt[g][j] = vmul(grad, vfmadd(vset1(up[g][p]), Bv, vmul(av[g], eh)));
+          dA[g] = vfmadd(vmul(grad, dtv), eh, dA[g]);
+          carry[g] = vmul(e, grad);
         }
         float* dCt = dCp + p * dst;
         float* dBt = dBp + p * dst;
-        _mm512_storeu_ps(dCt, _mm512_add_ps(_mm512_loadu_ps(dCt), to_dC));
-        _mm512_storeu_ps(dBt, _mm512_add_ps(_mm512_loadu_ps(dBt), to_dB));
+        vstore(dCt, vadd(vload(dCt), to_dC));
+        vstore(dBt, vadd(vload(dBt), to_dB));
       }
       for (int64_t g = 0; g < G; ++g) {
-        for (int64_t j = nb; j < kLanes; ++j) tile_u[g][j] = tile_dt[g][j] = _mm512_setzero_ps();
-        _mm512_store_ps(sum_u, sum_lanes16(tile_u[g]));
-        _mm512_store_ps(sum_dt, sum_lanes16(tile_dt[g]));
+        for (int64_t j = nb; j < kLanes; ++j) tile_u[g][j] = tile_dt[g][j] = vzero();
+        vstore(sum_u, sum_lanes16(tile_u[g]));
+        vstore(sum_dt, sum_lanes16(tile_dt[g]));
         float* dup = run.du + g * L;
         float* ddp = run.ddelta + g * L;
         for (int64_t j = 0; j < nb; ++j) {
@@ -266,7 +326,7 @@ void scan_block16_bwd(const ChannelRun& run, const float* Bp, int64_t bst, const
     }
   }
   for (int64_t g = 0; g < G; ++g) {
-    _mm512_storeu_ps(run.dA + g * kLanes, dA[g]);
+    vstore(run.dA + g * kLanes, dA[g]);
     run.dD[g] = dD_acc[g];
     run.dbias[g] = dbias_acc[g];
   }
@@ -302,8 +362,8 @@ void chanzoo_scan_fwd(const float* u, const float* delta, const float* A, const 
   const int64_t dim = K * inner, per_out = K / O, per_src = K / S;
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<float> h(N);  // per thread: the generic path's state; dts: delta' of one channel (AVX-512 path)
-#if defined(__AVX512F__)
+    std::vector<float> h(N);  // per thread: the generic path's state; dts: delta' of one channel (N = 16 path)
+#if defined(CHANZOO_SIMD16)
     std::vector<float> dts(N == kLanes ? L : 0);
 #endif
 #pragma omp for schedule(static)
@@ -320,7 +380,7 @@ void chanzoo_scan_fwd(const float* u, const float* delta, const float* A, const 
         const float* a = A + d * N;
         const float skip = Dv ? Dv[d] : 0.0f, db = bias ? bias[d] : 0.0f;
         float* hsp = hs + bd * n_chunks * N;
-#if defined(__AVX512F__)
+#if defined(CHANZOO_SIMD16)
         if (N == kLanes && chunk % kLanes == 0) {
           transform_deltas(dp, db, softplus, L, dts.data());
           scan_channel16(up, dts.data(), a, Bp, bst, Cp, cst, skip, rev, first, L, chunk, hsp, yp);
@@ -374,7 +434,7 @@ void chanzoo_scan_bwd(const float* u, const float* delta, const float* A, const 
 #pragma omp parallel num_threads(nthreads)
   {
     std::vector<float> hprev((chunk + 1) * N), decay(chunk * N), dts(chunk), ddts(chunk), carry(N), dA_acc(N);
-#if defined(__AVX512F__)
+#if defined(CHANZOO_SIMD16)
     const bool fast = N == kLanes && chunk % kLanes == 0;
     Bwd16Scratch scratch(fast ? chunk : 0, fast ? L : 0);
 #endif
@@ -389,7 +449,7 @@ void chanzoo_scan_bwd(const float* u, const float* delta, const float* A, const 
       const float* Bp = Bm + b * bsb + (k / per_src) * bss + (k % per_src) * bsj;
       const float* Cp = Cm + b * csb + (k / per_src) * css + (k % per_src) * csj;
       const int64_t i_begin = s * per_split, i_end = std::min((s + 1) * per_split, inner);
-#if defined(__AVX512F__)
+#if defined(CHANZOO_SIMD16)
       if (fast) {
         if (i_end <= i_begin) continue;
         const int64_t d = k * inner + i_begin, bd = b * dim + d;
@@ -481,10 +541,10 @@ void chanzoo_scan_bwd(const float* u, const float* delta, const float* A, const 
 // (batch, K, L, c) output is larger than everything else the layer touches). Per (batch item, direction) the kernel
 // projects the L steps into local buffers: x_p = W_k u_p (c = R + 2N values) split into dt (L, R), B and C (L, N);
 // channel i's raw delta is dtw_k[i] . dt_p. Layouts: u (batch, S, inner, L) by strides as above; WT (K, inner, c)
-// (x_proj's weight transposed); dtw (K, inner, R); A, D, bias, y, hs as above. Only N = 16 with AVX-512 and at most
-// chanzoo_scan_proj_max_inner() channels per direction (0 where the kernel was built without AVX-512).
+// (x_proj's weight transposed); dtw (K, inner, R); A, D, bias, y, hs as above. Only N = 16 with AVX-512 or AVX2 and
+// at most chanzoo_scan_proj_max_inner() channels per direction (0 where the kernel was built with neither).
 
-#if defined(__AVX512F__)
+#if defined(CHANZOO_SIMD16)
 namespace {
 
 constexpr int64_t kProjMaxInner = 8;
@@ -503,13 +563,13 @@ void project_steps16(const float* u0, int64_t usc, const float* W, const float* 
                      ProjScratch& x) {
   const int64_t c = R + 2 * kLanes;
   for (int64_t p = 0; p < L; ++p) {
-    __m512 b = _mm512_setzero_ps(), cv = _mm512_setzero_ps();
+    V16 b = vzero(), cv = vzero();
     float ut[inner];
     for (int64_t i = 0; i < inner; ++i) {
       ut[i] = u0[i * usc + p];
-      const __m512 uv = _mm512_set1_ps(ut[i]);
-      b = _mm512_fmadd_ps(_mm512_loadu_ps(W + i * c + R), uv, b);
-      cv = _mm512_fmadd_ps(_mm512_loadu_ps(W + i * c + R + kLanes), uv, cv);
+      const V16 uv = vset1(ut[i]);
+      b = vfmadd(vload(W + i * c + R), uv, b);
+      cv = vfmadd(vload(W + i * c + R + kLanes), uv, cv);
     }
     float* xr = x.xdt.data() + p * R;
     for (int64_t r = 0; r < R; ++r) {
@@ -517,8 +577,8 @@ void project_steps16(const float* u0, int64_t usc, const float* W, const float* 
       for (int64_t i = 0; i < inner; ++i) acc += W[i * c + r] * ut[i];
       xr[r] = acc;
     }
-    _mm512_storeu_ps(x.xB.data() + p * kLanes, b);
-    _mm512_storeu_ps(x.xC.data() + p * kLanes, cv);
+    vstore(x.xB.data() + p * kLanes, b);
+    vstore(x.xC.data() + p * kLanes, cv);
     for (int64_t i = 0; i < inner; ++i) {
       float acc = 0.0f;
       for (int64_t r = 0; r < R; ++r) acc += dtw[i * R + r] * xr[r];
@@ -556,40 +616,40 @@ void project_steps16_bwd(const float* u0, int64_t usc, const float* W, const flo
       dW[i * c + r] += to_w;
     }
   // The B and C rows, and the input gradient (the per-step sums over the 16 lanes reduced 16 steps at a time).
-  __m512 dWB[inner], dWC[inner], WB[inner], WC[inner];
-  __m512 tiles[inner][kLanes];
+  V16 dWB[inner], dWC[inner], WB[inner], WC[inner];
+  V16 tiles[inner][kLanes];
   alignas(64) float sums[kLanes];
   float from_dt[inner][kLanes];
   for (int64_t i = 0; i < inner; ++i) {
-    dWB[i] = dWC[i] = _mm512_setzero_ps();
-    WB[i] = _mm512_loadu_ps(W + i * c + R);
-    WC[i] = _mm512_loadu_ps(W + i * c + R + kLanes);
+    dWB[i] = dWC[i] = vzero();
+    WB[i] = vload(W + i * c + R);
+    WC[i] = vload(W + i * c + R + kLanes);
   }
   for (int64_t p0 = 0; p0 < L; p0 += kLanes) {
     const int64_t nb = std::min(kLanes, L - p0);
     for (int64_t j = 0; j < nb; ++j) {
       const int64_t p = p0 + j;
-      const __m512 gB = _mm512_loadu_ps(x.dB.data() + p * kLanes), gC = _mm512_loadu_ps(x.dC.data() + p * kLanes);
+      const V16 gB = vload(x.dB.data() + p * kLanes), gC = vload(x.dC.data() + p * kLanes);
       for (int64_t i = 0; i < inner; ++i) {
-        const __m512 uv = _mm512_set1_ps(u0[i * usc + p]);
-        dWB[i] = _mm512_fmadd_ps(gB, uv, dWB[i]);
-        dWC[i] = _mm512_fmadd_ps(gC, uv, dWC[i]);
+        const V16 uv = vset1(u0[i * usc + p]);
+        dWB[i] = vfmadd(gB, uv, dWB[i]);
+        dWC[i] = vfmadd(gC, uv, dWC[i]);
         float acc = 0.0f;
         for (int64_t r = 0; r < R; ++r) acc += dxdt[p * R + r] * W[i * c + r];
         from_dt[i][j] = acc;
-        tiles[i][j] = _mm512_fmadd_ps(gB, WB[i], _mm512_mul_ps(gC, WC[i]));
+        tiles[i][j] = vfmadd(gB, WB[i], vmul(gC, WC[i]));
       }
     }
     for (int64_t i = 0; i < inner; ++i) {
-      for (int64_t j = nb; j < kLanes; ++j) tiles[i][j] = _mm512_setzero_ps();
-      _mm512_store_ps(sums, sum_lanes16(tiles[i]));
+      for (int64_t j = nb; j < kLanes; ++j) tiles[i][j] = vzero();
+      vstore(sums, sum_lanes16(tiles[i]));
       for (int64_t j = 0; j < nb; ++j) du0[i * L + p0 + j] += sums[j] + from_dt[i][j];
     }
   }
   for (int64_t i = 0; i < inner; ++i) {
     float* row = dW + i * c + R;
-    _mm512_storeu_ps(row, _mm512_add_ps(_mm512_loadu_ps(row), dWB[i]));
-    _mm512_storeu_ps(row + kLanes, _mm512_add_ps(_mm512_loadu_ps(row + kLanes), dWC[i]));
+    vstore(row, vadd(vload(row), dWB[i]));
+    vstore(row + kLanes, vadd(vload(row + kLanes), dWC[i]));
   }
 }
 
@@ -628,7 +688,7 @@ void project_bwd(int64_t inner, const float* u0, int64_t usc, const float* W, co
 extern "C" {
 
 int64_t chanzoo_scan_proj_max_inner() {
-#if defined(__AVX512F__)
+#if defined(CHANZOO_SIMD16)
   return kProjMaxInner;
 #else
   return 0;
@@ -639,7 +699,7 @@ void chanzoo_scan_proj_fwd(const float* u, const float* WT, const float* dtw, co
                            const float* bias, float* y, float* hs, int64_t batch, int64_t K, int64_t S, int64_t O,
                            int64_t inner, int64_t L, int64_t N, int64_t R, int64_t usb, int64_t uss, int64_t usc,
                            int64_t chunk, int64_t reverse, int softplus, int nthreads) {
-#if defined(__AVX512F__)
+#if defined(CHANZOO_SIMD16)
   const int64_t n_chunks = (L + chunk - 1) / chunk, c = R + 2 * N;
   const int64_t dim = K * inner, per_out = K / O, per_src = K / S;
 #pragma omp parallel num_threads(nthreads)
@@ -677,7 +737,7 @@ void chanzoo_scan_proj_bwd(const float* u, const float* WT, const float* dtw, co
                            int64_t K, int64_t S, int64_t O, int64_t inner, int64_t L, int64_t N, int64_t R,
                            int64_t usb, int64_t uss, int64_t usc, int64_t chunk, int64_t reverse, int softplus,
                            int nthreads) {
-#if defined(__AVX512F__)
+#if defined(CHANZOO_SIMD16)
   const int64_t n_chunks = (L + chunk - 1) / chunk, c = R + 2 * N;
   const int64_t dim = K * inner, per_out = K / O, per_src = K / S;
 #pragma omp parallel num_threads(nthreads)
