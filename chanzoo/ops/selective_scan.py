@@ -32,6 +32,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import threading
@@ -295,22 +296,40 @@ def _scan_eager(
 # C++ path: built at first use, registered with torch.library.
 
 
+_BUILD_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and instruction-set flags: what ``-march=native`` compiles for."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            lines = [line for line in cpuinfo if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def _build_dir(compiler: str) -> Path:
+    """The library's folder in torch's extensions cache, keyed by source, compiler, flags and CPU: a cache shared by
+    machines of different CPUs (a home directory on a cluster) never hands one a library built for another's
+    instruction set."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    fingerprint = _CSRC.read_bytes() + " ".join([compiler, *_BUILD_FLAGS, _cpu_signature()]).encode()
+    return Path(get_default_build_root()) / f"chanzoo_selective_scan_{hashlib.sha256(fingerprint).hexdigest()[:16]}"
+
+
 def _build_library() -> ctypes.CDLL:
-    """Compile csrc/selective_scan.cpp into torch's extensions cache (keyed by source and flags) and load it."""
+    """Compile csrc/selective_scan.cpp into torch's extensions cache (see ``_build_dir``) and load it."""
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH")
-    flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
-    source = _CSRC.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
-    from torch.utils.cpp_extension import get_default_build_root
-
-    build_dir = Path(get_default_build_root()) / f"chanzoo_selective_scan_{key}"
+    build_dir = _build_dir(compiler)
     target = build_dir / "selective_scan.so"
     if not target.exists():
         build_dir.mkdir(parents=True, exist_ok=True)
         tmp = build_dir / f"selective_scan.{os.getpid()}.so"
-        result = subprocess.run([compiler, *flags, str(_CSRC), "-o", str(tmp)], capture_output=True, text=True)
+        result = subprocess.run([compiler, *_BUILD_FLAGS, str(_CSRC), "-o", str(tmp)], capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"compiling {_CSRC.name} failed:\n{result.stderr[-2000:]}")
         os.replace(tmp, target)  # atomic: concurrent builders never load a half-written library

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -297,3 +298,18 @@ def test_projected_scan_ops_fake_kernels_match_the_real_ones():
     y, hs = torch.ops.chanzoo.selective_scan_proj_fwd(*proj_args, 1, 2, 64)
     bwd_args = (*(t.detach() for t in proj_args), hs, torch.randn_like(y))
     torch.library.opcheck(torch.ops.chanzoo.selective_scan_proj_bwd, (*bwd_args, 2, 64))
+
+
+def test_kernel_cache_folder_is_per_cpu(monkeypatch):
+    """-march=native builds for this CPU, so a cache shared with another CPU must not hand its library over."""
+    signatures = {"avx2": "flags\t: fpu sse2 avx2 fma\n", "avx512": "flags\t: fpu sse2 avx2 fma avx512f\n"}
+    folders = {}
+    for name, signature in signatures.items():
+        monkeypatch.setattr(ss, "_cpu_signature", lambda signature=signature: signature)
+        folders[name] = ss._build_dir("c++")
+        assert ss._build_dir("c++") == folders[name]  # stable for one CPU
+    assert folders["avx2"] != folders["avx512"]
+    assert folders["avx2"].parent == folders["avx512"].parent  # both in torch's extensions cache
+    monkeypatch.undo()
+    if Path("/proc/cpuinfo").exists():
+        assert "flags" in ss._cpu_signature() or "Features" in ss._cpu_signature()
